@@ -1,0 +1,240 @@
+"""Deterministic, resumable, world-size-independent mixture sampler.
+
+The global sample stream is a pure function of (seed, mixture schedule, position):
+
+    position k  ->  source s(k)            (`pipeline.allocation`: exact or stochastic)
+                ->  draw number d(k)        (how many times s(k) was drawn before k)
+                ->  epoch d // n_s, offset d % n_s
+                ->  example index  perm_{seed, s, epoch}(offset)   (`pipeline.permutation`)
+
+Global step t covers positions [t*B, (t+1)*B) for global batch size B. Rank r of W takes
+the contiguous slice r of each global batch and splits it into its micro-batches, so no
+example repeats across ranks within a step and every rank sees the same number of
+batches. Nothing depends on world size, ranks, dataloader workers or prefetch depth: a
+run saved at world size 2 resumes at world size 3 on the same stream. The state is just
+the next step; per-source cursors and epochs are recomputed from it in milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.allocation import ExactAllocator, StochasticAllocator
+from pipeline.mixing.base import MixingStage
+from pipeline.mixing.plan import MixturePlan, validate_sizes
+from pipeline.permutation import hash_key, permute
+from pipeline.schedule import MixtureSchedule
+
+MODES = ("exact", "stochastic")
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """One optimizer step of the global stream.
+
+    Attributes:
+        step: global step index.
+        source: (B,) int64 source index per example (into `MixtureSampler.sources`).
+        index: (B,) int64 example index within its source.
+        draw: (B,) int64 how many draws of that source preceded this one.
+    """
+
+    step: int
+    source: np.ndarray
+    index: np.ndarray
+    draw: np.ndarray
+
+
+class MixtureSampler:
+    """The global stream of (source, example index) pairs for a planned run.
+
+    Args:
+        stage: mixing stage (usually `Compose` of the configured list).
+        num_documents: {source: documents}; draws are documents of these sources.
+        global_batch_size: examples per optimizer step across all ranks and micro-batches.
+        total_steps: planned run length (progress = step / total_steps).
+        seed: non-negative integer.
+        mode: "exact" (deterministic allocation) or "stochastic" (seeded multinomial).
+        mixture_sizes: sizes given to the mixing stage (e.g. token counts); defaults to
+            `num_documents`. Either way the plan's probabilities are per *draw*.
+        update_steps: plan segment length in steps (default total_steps / 1000).
+    """
+
+    def __init__(
+        self,
+        stage: MixingStage,
+        num_documents: Mapping[str, int],
+        global_batch_size: int,
+        total_steps: int,
+        seed: int = 0,
+        mode: str = "exact",
+        mixture_sizes: Mapping[str, float] | None = None,
+        update_steps: int | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"sampler mode must be one of {MODES}, got {mode!r}")
+        if int(global_batch_size) < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size!r}")
+        if int(seed) < 0:
+            raise ValueError(f"sampler seed must be a non-negative integer, got {seed!r}")
+        names, docs = validate_sizes(num_documents)
+        if mixture_sizes is not None and set(mixture_sizes) != set(names):
+            extra = sorted(set(mixture_sizes) ^ set(names))
+            raise ValueError(f"mixture_sizes and num_documents disagree on source {extra[0]!r}")
+        self.sources = names
+        self.num_documents = docs.astype(np.int64)
+        self.global_batch_size = int(global_batch_size)
+        self.seed = int(seed)
+        self.mode = mode
+        sizes = {name: (mixture_sizes or num_documents)[name] for name in names}
+        self.schedule = MixtureSchedule(stage, sizes, total_steps, update_steps)
+        if mode == "exact":
+            self.allocator = ExactAllocator(self.schedule, self.global_batch_size)
+        else:
+            self.allocator = StochasticAllocator(self.schedule, self.global_batch_size, self.seed)
+        self.fingerprint = f"{mode}-{self.seed}-{self.global_batch_size}-{self.schedule.digest()}"
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
+
+    def plan_at(self, step: int) -> MixturePlan:
+        return self.schedule.plan_at(step)
+
+    # -- the stream ----------------------------------------------------------------------
+    def positions(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(source, index, draw) for stream positions [start, stop), each (stop-start,)."""
+        if start < 0 or stop < start:
+            raise ValueError(f"bad position range [{start}, {stop})")
+        source, draw = self.allocator.allocate(start, stop)
+        return source, self._example_index(source, draw), draw
+
+    def global_batch(self, step: int) -> GlobalBatch:
+        start = step * self.global_batch_size
+        source, index, draw = self.positions(start, start + self.global_batch_size)
+        return GlobalBatch(step, source, index, draw)
+
+    def rank_slice(self, step: int, rank: int, world_size: int) -> GlobalBatch:
+        """Rank `rank`'s contiguous share of global step `step`."""
+        per_rank = self.per_rank_batch_size(world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        start = step * self.global_batch_size + rank * per_rank
+        source, index, draw = self.positions(start, start + per_rank)
+        return GlobalBatch(step, source, index, draw)
+
+    def per_rank_batch_size(self, world_size: int) -> int:
+        if world_size < 1 or self.global_batch_size % world_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not divisible by world size "
+                f"{world_size}; every rank must get the same number of examples"
+            )
+        return self.global_batch_size // world_size
+
+    def _example_index(self, source: np.ndarray, draw: np.ndarray) -> np.ndarray:
+        """Map each (source, draw number) to an example index via per-epoch permutations."""
+        index = np.empty_like(draw)
+        order = np.argsort(source, kind="stable")  # group positions by source in one pass
+        bounds = np.searchsorted(source[order], np.arange(len(self.sources) + 1))
+        for source_id in range(len(self.sources)):
+            group = order[bounds[source_id]:bounds[source_id + 1]]
+            if not len(group):
+                continue
+            size = int(self.num_documents[source_id])
+            draws = draw[group]
+            keys = hash_key(self.seed, source_id, draws // size)  # one permutation per epoch
+            index[group] = permute(draws % size, size, keys)
+        return index
+
+    # -- accounting --------------------------------------------------------------------
+    def draw_counts(self, step: int) -> np.ndarray:
+        """(S,) draws per source in global steps [0, step): the per-source cursors."""
+        return self.allocator.counts_at(step * self.global_batch_size)
+
+    def epochs(self, step: int) -> dict[str, float]:
+        """Passes over each source consumed before `step` (fractional)."""
+        counts = self.draw_counts(step)
+        return {name: float(c) / float(n) for name, c, n in zip(self.sources, counts, self.num_documents)}
+
+    def cumulative_targets(self, step: int) -> np.ndarray:
+        """(S,) expected draws per source before `step` under the schedule."""
+        boundaries = self.schedule.boundaries
+        lengths = np.clip(np.minimum(step, np.append(boundaries[1:], max(step, boundaries[-1])))
+                          - boundaries, 0, None)
+        return (self.schedule.probs * lengths[:, None]).sum(0) * self.global_batch_size
+
+    def state_dict(self, step: int) -> dict:
+        """What a checkpoint needs to continue this stream at `step`."""
+        return {
+            "step": int(step),
+            "fingerprint": self.fingerprint,
+            "sources": list(self.sources),
+            "draw_counts": self.draw_counts(step).tolist(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> int:
+        """Validate a saved state against this sampler and return the step to resume at.
+
+        Raises:
+            ValueError: the checkpoint was written for another seed, mode, batch size,
+                mixture schedule or source list (the stream would not continue).
+        """
+        for key in ("step", "fingerprint", "sources"):
+            if key not in state:
+                raise ValueError(f"sampler state is missing key {key!r}")
+        if list(state["sources"]) != list(self.sources):
+            raise ValueError(f"sampler state sources {state['sources']} != {list(self.sources)}")
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"sampler state fingerprint {state['fingerprint']!r} != {self.fingerprint!r}: "
+                "the seed, mode, global batch size or mixture schedule changed since the checkpoint"
+            )
+        step = int(state["step"])
+        if "draw_counts" in state and list(state["draw_counts"]) != self.draw_counts(step).tolist():
+            raise ValueError("sampler state draw_counts disagree with the recomputed stream")
+        return step
+
+
+class RankBatchSampler:
+    """A DataLoader `batch_sampler` yielding one rank's micro-batches from `start_step`.
+
+    Each item is a list of (source_id, example_index) pairs. Batches are made in the main
+    process, so `num_workers` only changes who loads rows, never which rows.
+
+    Args:
+        sampler: the global stream.
+        rank, world_size: this process's place in data parallelism.
+        micro_batch_size: examples per forward pass on this rank; the rank's share of a
+            global batch is split into global / (world_size * micro) micro-batches.
+        start_step: first global step to yield (the resume point).
+        num_steps: global steps to yield (default: up to the planned total).
+    """
+
+    def __init__(self, sampler: MixtureSampler, rank: int = 0, world_size: int = 1,
+                 micro_batch_size: int | None = None, start_step: int = 0,
+                 num_steps: int | None = None):
+        self.sampler = sampler
+        self.rank, self.world_size = int(rank), int(world_size)
+        per_rank = sampler.per_rank_batch_size(self.world_size)
+        self.micro_batch_size = per_rank if micro_batch_size is None else int(micro_batch_size)
+        if self.micro_batch_size < 1 or per_rank % self.micro_batch_size:
+            raise ValueError(
+                f"per-rank batch {per_rank} (global {sampler.global_batch_size} / world "
+                f"{world_size}) is not divisible by micro_batch_size {micro_batch_size}"
+            )
+        self.accumulation = per_rank // self.micro_batch_size
+        self.start_step = int(start_step)
+        self.num_steps = (sampler.total_steps - self.start_step) if num_steps is None else int(num_steps)
+
+    def __len__(self) -> int:
+        return max(0, self.num_steps) * self.accumulation
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start_step, self.start_step + self.num_steps):
+            batch = self.sampler.rank_slice(step, self.rank, self.world_size)
+            pairs = list(zip(batch.source.tolist(), batch.index.tolist()))
+            for micro in range(self.accumulation):
+                yield pairs[micro * self.micro_batch_size:(micro + 1) * self.micro_batch_size]
