@@ -12,10 +12,11 @@ worker) with identical results.
     is a's target share of those n samples (piecewise linear when the plan changes).
     Because tau_a rises by at most 1 per sample, both children's counts are non-decreasing
     and sum to n, so the rule defines a valid stream, and the count at any position is a
-    descent of the tree. The deviation of a source from its cumulative target is at most
-    1/2 * sum over its ancestors v below the root of p_source / p_v (`error_bound`), which
-    the Huffman tree keeps small; it is below one sample in the common case and measured,
-    not assumed, in tests and in the report.
+    descent of the tree. The deviation of a source from its cumulative target has a proven
+    bound (`error_bound`; for a constant plan 1/2 * (1 + sum over ancestors v below the
+    root of p_source / p_v)), which the Huffman tree keeps small. It is not always below
+    one sample: on 100 long-tailed sources the worst prefix was measured at 1.07 samples,
+    against 1.09 for Megatron's sequential greedy on the same kind of mixture.
 
 `StochasticAllocator` (seeded multinomial)
     Each plan segment draws its per-source counts from Multinomial(samples, probs) with
@@ -141,19 +142,20 @@ class ExactAllocator:
         return source, draw
 
     def error_bound(self) -> np.ndarray:
-        """(S,) proven bound on |draws - target| for each source, over the whole run."""
-        bound = np.zeros(self.num_sources)
-        for leaf in range(self.num_sources):
-            node, total = leaf, 0.0
-            while self.parent[node] != -1 and self.parent[node] != self.root:
-                ancestor = self.parent[node]
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    ratio = np.where(self.node_mass[ancestor] > 0,
-                                     self.node_mass[leaf] / np.maximum(self.node_mass[ancestor], 1e-300), 0.0)
-                total += float(ratio.max())
-                node = ancestor
-            bound[leaf] = 0.5 * (1.0 + total) if leaf != self.root else 0.0
-        return bound
+        """(S,) proven bound on |draws - cumulative target| of each source, at every position.
+
+        A child's count is within 1/2 of its share of the parent's *count*; the parent's
+        count is within e_parent of the parent's target. By summation by parts over plan
+        segments, e_child <= 1/2 + (max share + total variation of share) * e_parent, with
+        e_root = 0 (the root holds every position exactly).
+        """
+        bound = {self.root: 0.0}
+        for node_id in sorted(self.nodes, reverse=True):  # parents before children
+            node = self.nodes[node_id]
+            for child, share in ((node.left, node.share_left), (node.right, 1.0 - node.share_left)):
+                variation = float(np.abs(np.diff(share)).sum()) if len(share) > 1 else 0.0
+                bound[child] = 0.5 + (float(share.max()) + variation) * bound[node_id]
+        return np.array([bound[i] for i in range(self.num_sources)])
 
 
 class StochasticAllocator:
@@ -213,7 +215,8 @@ class StochasticAllocator:
         return self._cumulative[block] + np.bincount(within, minlength=self.num_sources)
 
     def allocate(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        sources, draws = [], []
+        sources = [np.empty(0, dtype=np.int64)]
+        draws = [np.empty(0, dtype=np.int64)]
         position = start
         while position < stop:
             block = self._block_of(position)
