@@ -1,0 +1,209 @@
+"""The recipe contract and small helpers shared by the recipes.
+
+A recipe is a plain object (built by Hydra from ``_target_``) that turns raw files into named
+sources. It does not write anything: :func:`pipeline.sources.prepare_sources` stores what it
+yields as Arrow datasets plus a manifest, cached by a hash of :meth:`Recipe.fingerprint`.
+
+Record schema:
+
+* ``kind="mono"``: each record is ``{"text": str}``.
+* ``kind="parallel"``: each record is ``{"src": str, "tgt": str}``; the source carries
+  ``src_lang`` and ``tgt_lang``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+Kind = Literal["mono", "parallel"]
+KINDS: tuple[str, ...] = ("mono", "parallel")
+
+# Source names become directory names and metric suffixes (``data/prob/lang=deu``), so keep
+# them to a portable alphabet.
+_SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass
+class SourceRecords:
+    """One named source produced by a recipe.
+
+    Attributes:
+        name: unique source name, e.g. ``"deu"`` or ``"deu-eng"``.
+        kind: ``"mono"`` (records ``{"text"}``) or ``"parallel"`` (records ``{"src", "tgt"}``).
+        records: a list or an iterator of record dicts.
+        language: the source's language code (for parallel sources, the non-English side).
+        script: ISO 15924 script code (``"Latn"``) when known.
+        attributes: JSON-serialisable per-source metadata copied into the manifest.
+        src_lang: source-side language (parallel only).
+        tgt_lang: target-side language (parallel only).
+    """
+
+    name: str
+    kind: Kind
+    records: Iterable[dict[str, str]]
+    language: str
+    script: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    src_lang: str | None = None
+    tgt_lang: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_source_name(self.name)
+        if self.kind not in KINDS:
+            raise ValueError(f"source {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "parallel" and (not self.src_lang or not self.tgt_lang):
+            raise ValueError(f"parallel source {self.name!r} needs src_lang and tgt_lang")
+        if self.kind == "mono" and (self.src_lang or self.tgt_lang):
+            raise ValueError(f"mono source {self.name!r} must not set src_lang/tgt_lang")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The record keys this kind requires."""
+        return columns_for(self.kind)
+
+
+@runtime_checkable
+class Recipe(Protocol):
+    """What :func:`pipeline.sources.prepare_sources` needs from a recipe."""
+
+    name: str
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that determines the output: name, options, input file hashes."""
+        ...
+
+    def sources(self) -> Iterator[SourceRecords]:
+        """Yield the sources in a deterministic order."""
+        ...
+
+
+def columns_for(kind: str) -> tuple[str, ...]:
+    """Record keys for a source kind."""
+    if kind == "mono":
+        return ("text",)
+    if kind == "parallel":
+        return ("src", "tgt")
+    raise ValueError(f"unknown source kind {kind!r}; expected one of {KINDS}")
+
+
+def validate_source_name(name: str) -> str:
+    """Raise ValueError unless ``name`` is usable as a directory and metric name."""
+    if not isinstance(name, str) or not _SOURCE_NAME_RE.match(name):
+        raise ValueError(
+            f"invalid source name {name!r}: use letters, digits, '_', '-', '.' "
+            "and start with a letter or digit"
+        )
+    return name
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def require_dir(path: str | Path, what: str = "data directory") -> Path:
+    """Return ``path`` as a Path, or raise ValueError if it is not an existing directory."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{what} {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is not a directory")
+    return path
+
+
+def require_file(path: str | Path, what: str = "source file") -> Path:
+    """Return ``path`` as a Path, or raise ValueError if it is missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {str(path)!r} is empty")
+    return path
+
+
+def read_lines(path: str | Path, limit: int | None = None) -> list[str]:
+    """Read a UTF-8 text file as one document per line, dropping blank lines.
+
+    Raises:
+        ValueError: the file is missing, empty, not UTF-8, or has no non-blank line.
+    """
+    path = require_file(path)
+    docs: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                text = line.rstrip("\r\n").strip()
+                if text:
+                    docs.append(text)
+                    if limit is not None and len(docs) >= limit:
+                        break
+    except UnicodeDecodeError as err:
+        raise ValueError(f"source file {str(path)!r} is not valid UTF-8: {err}") from err
+    if not docs:
+        raise ValueError(f"source file {str(path)!r} has zero documents (only blank lines)")
+    return docs
+
+
+def check_positive_int(value: Any, key: str) -> int | None:
+    """Validate an optional positive integer option."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{key} must be a positive integer or null, got {value!r}")
+    return value
+
+
+def normalize_languages(languages: Iterable[str] | None, key: str = "languages") -> list[str] | None:
+    """Validate an optional list of language codes; returns a sorted de-duplicated list."""
+    if languages is None:
+        return None
+    if isinstance(languages, str):
+        raise ValueError(f"{key} must be a list of language codes, got the string {languages!r}")
+    out = sorted({str(lang) for lang in languages})
+    if not out:
+        raise ValueError(f"{key} is an empty list; use null to keep every language")
+    return out
+
+
+# Unicode character-name prefixes to ISO 15924 codes, for guessing a source's script.
+_SCRIPT_BY_NAME_PREFIX = {
+    "LATIN": "Latn", "CYRILLIC": "Cyrl", "ARABIC": "Arab", "DEVANAGARI": "Deva",
+    "CJK": "Hani", "HIRAGANA": "Jpan", "KATAKANA": "Jpan", "HANGUL": "Hang", "THAI": "Thai",
+    "GREEK": "Grek", "HEBREW": "Hebr", "GEORGIAN": "Geor", "ARMENIAN": "Armn",
+    "ETHIOPIC": "Ethi", "BENGALI": "Beng", "TAMIL": "Taml", "TELUGU": "Telu",
+    "MALAYALAM": "Mlym", "KHMER": "Khmr", "GUJARATI": "Gujr", "GURMUKHI": "Guru",
+    "KANNADA": "Knda", "ORIYA": "Orya", "SINHALA": "Sinh", "LAO": "Laoo", "MYANMAR": "Mymr",
+    "TIBETAN": "Tibt", "MONGOLIAN": "Mong", "SYRIAC": "Syrc", "THAANA": "Thaa",
+    "TIFINAGH": "Tfng", "CHEROKEE": "Cher", "YI": "Yiii",
+}
+
+
+def guess_script(texts: Iterable[str], max_chars: int = 20000) -> str | None:
+    """Most frequent script (ISO 15924) among the letters of ``texts``; None if no letters."""
+    counts: Counter[str] = Counter()
+    seen = 0
+    for text in texts:
+        for char in text:
+            if not char.isalpha():
+                continue
+            name = unicodedata.name(char, "")
+            prefix = name.split(" ", 1)[0]
+            counts[_SCRIPT_BY_NAME_PREFIX.get(prefix, prefix.title() or "Zyyy")] += 1
+            seen += 1
+        if seen >= max_chars:
+            break
+    if not counts:
+        return None
+    # Sort for a deterministic winner on ties.
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]

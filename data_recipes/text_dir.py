@@ -1,0 +1,93 @@
+"""Directory of plain-text files, one per language: ``<path>/<lang>.txt``.
+
+One document per line; blank lines are dropped. The file stem is the source name and the
+language (e.g. ``/work/shared/data/tatoeba/mono/deu.txt`` -> source ``deu``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from data_recipes.base import (
+    SourceRecords,
+    check_positive_int,
+    guess_script,
+    normalize_languages,
+    read_lines,
+    require_dir,
+    sha256_file,
+    validate_source_name,
+)
+
+
+class TextDir:
+    """Mono sources from ``<path>/<lang>.txt`` files.
+
+    Args:
+        path: the directory.
+        languages: optional list of languages to keep; each must have a file.
+        max_documents_per_source: optional cap (first N non-blank lines).
+        name: recipe name used in the cache directory name.
+    """
+
+    suffix = ".txt"
+
+    def __init__(
+        self,
+        path: str | Path,
+        languages: list[str] | None = None,
+        max_documents_per_source: int | None = None,
+        name: str = "text_dir",
+    ) -> None:
+        self.path = Path(path)
+        self.languages = normalize_languages(languages)
+        self.max_documents_per_source = check_positive_int(
+            max_documents_per_source, "max_documents_per_source"
+        )
+        self.name = name
+
+    def _files(self) -> list[tuple[str, Path]]:
+        root = require_dir(self.path)
+        if self.languages is None:
+            files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix == self.suffix)
+            if not files:
+                raise ValueError(f"data directory {str(root)!r} has no *{self.suffix} files")
+            out = [(p.stem, p) for p in files]
+        else:
+            out = []
+            for lang in self.languages:
+                path = root / f"{lang}{self.suffix}"
+                if not path.is_file():
+                    raise ValueError(
+                        f"language {lang!r} requested but source file {str(path)!r} is missing"
+                    )
+                out.append((lang, path))
+        for lang, path in out:
+            try:
+                validate_source_name(lang)
+            except ValueError as err:
+                raise ValueError(f"{str(path)!r}: {err}") from err
+        return out
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "recipe": self.name,
+            "module": "data_recipes.text_dir",
+            "languages": self.languages,
+            "max_documents_per_source": self.max_documents_per_source,
+            "files": {path.name: sha256_file(path) for _, path in self._files()},
+        }
+
+    def sources(self) -> Iterator[SourceRecords]:
+        for lang, path in self._files():
+            docs = read_lines(path, limit=self.max_documents_per_source)
+            yield SourceRecords(
+                name=lang,
+                kind="mono",
+                records=[{"text": d} for d in docs],
+                language=lang,
+                script=guess_script(docs),
+                attributes={"file": path.name},
+            )
