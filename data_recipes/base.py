@@ -57,7 +57,9 @@ class SourceRecords:
     def __post_init__(self) -> None:
         validate_source_name(self.name)
         if self.kind not in KINDS:
-            raise ValueError(f"source {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+            raise ValueError(
+                f"source {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}"
+            )
         if self.kind == "parallel" and (not self.src_lang or not self.tgt_lang):
             raise ValueError(f"parallel source {self.name!r} needs src_lang and tgt_lang")
         if self.kind == "mono" and (self.src_lang or self.tgt_lang):
@@ -164,7 +166,9 @@ def check_positive_int(value: Any, key: str) -> int | None:
     return value
 
 
-def normalize_languages(languages: Iterable[str] | None, key: str = "languages") -> list[str] | None:
+def normalize_languages(
+    languages: Iterable[str] | None, key: str = "languages"
+) -> list[str] | None:
     """Validate an optional list of language codes; returns a sorted de-duplicated list."""
     if languages is None:
         return None
@@ -178,14 +182,39 @@ def normalize_languages(languages: Iterable[str] | None, key: str = "languages")
 
 # Unicode character-name prefixes to ISO 15924 codes, for guessing a source's script.
 _SCRIPT_BY_NAME_PREFIX = {
-    "LATIN": "Latn", "CYRILLIC": "Cyrl", "ARABIC": "Arab", "DEVANAGARI": "Deva",
-    "CJK": "Hani", "HIRAGANA": "Jpan", "KATAKANA": "Jpan", "HANGUL": "Hang", "THAI": "Thai",
-    "GREEK": "Grek", "HEBREW": "Hebr", "GEORGIAN": "Geor", "ARMENIAN": "Armn",
-    "ETHIOPIC": "Ethi", "BENGALI": "Beng", "TAMIL": "Taml", "TELUGU": "Telu",
-    "MALAYALAM": "Mlym", "KHMER": "Khmr", "GUJARATI": "Gujr", "GURMUKHI": "Guru",
-    "KANNADA": "Knda", "ORIYA": "Orya", "SINHALA": "Sinh", "LAO": "Laoo", "MYANMAR": "Mymr",
-    "TIBETAN": "Tibt", "MONGOLIAN": "Mong", "SYRIAC": "Syrc", "THAANA": "Thaa",
-    "TIFINAGH": "Tfng", "CHEROKEE": "Cher", "YI": "Yiii",
+    "LATIN": "Latn",
+    "CYRILLIC": "Cyrl",
+    "ARABIC": "Arab",
+    "DEVANAGARI": "Deva",
+    "CJK": "Hani",
+    "HIRAGANA": "Jpan",
+    "KATAKANA": "Jpan",
+    "HANGUL": "Hang",
+    "THAI": "Thai",
+    "GREEK": "Grek",
+    "HEBREW": "Hebr",
+    "GEORGIAN": "Geor",
+    "ARMENIAN": "Armn",
+    "ETHIOPIC": "Ethi",
+    "BENGALI": "Beng",
+    "TAMIL": "Taml",
+    "TELUGU": "Telu",
+    "MALAYALAM": "Mlym",
+    "KHMER": "Khmr",
+    "GUJARATI": "Gujr",
+    "GURMUKHI": "Guru",
+    "KANNADA": "Knda",
+    "ORIYA": "Orya",
+    "SINHALA": "Sinh",
+    "LAO": "Laoo",
+    "MYANMAR": "Mymr",
+    "TIBETAN": "Tibt",
+    "MONGOLIAN": "Mong",
+    "SYRIAC": "Syrc",
+    "THAANA": "Thaa",
+    "TIFINAGH": "Tfng",
+    "CHEROKEE": "Cher",
+    "YI": "Yiii",
 }
 
 

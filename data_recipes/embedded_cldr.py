@@ -38,30 +38,70 @@ from data_recipes.base import SourceRecords, sha256_file
 # the one Tatoeba uses (swh, pes, cmn, npi) so the corpora share names.
 LOCALES: tuple[tuple[str, str], ...] = (
     # Latin
-    ("de", "deu"), ("fr", "fra"), ("es", "spa"), ("pt", "por"), ("it", "ita"), ("pl", "pol"),
-    ("tr", "tur"), ("vi", "vie"), ("id", "ind"), ("sw", "swh"),
+    ("de", "deu"),
+    ("fr", "fra"),
+    ("es", "spa"),
+    ("pt", "por"),
+    ("it", "ita"),
+    ("pl", "pol"),
+    ("tr", "tur"),
+    ("vi", "vie"),
+    ("id", "ind"),
+    ("sw", "swh"),
     # Cyrillic
-    ("ru", "rus"), ("uk", "ukr"), ("bg", "bul"),
+    ("ru", "rus"),
+    ("uk", "ukr"),
+    ("bg", "bul"),
     # Arabic
-    ("ar", "ara"), ("fa", "pes"), ("ur", "urd"),
+    ("ar", "ara"),
+    ("fa", "pes"),
+    ("ur", "urd"),
     # Devanagari
-    ("hi", "hin"), ("mr", "mar"), ("ne", "npi"),
+    ("hi", "hin"),
+    ("mr", "mar"),
+    ("ne", "npi"),
     # Han, Japanese, Hangul
-    ("zh", "cmn"), ("ja", "jpn"), ("ko", "kor"),
+    ("zh", "cmn"),
+    ("ja", "jpn"),
+    ("ko", "kor"),
     # one each
-    ("th", "tha"), ("el", "ell"), ("he", "heb"), ("ka", "kat"), ("hy", "hye"), ("am", "amh"),
-    ("bn", "ben"), ("ta", "tam"),
+    ("th", "tha"),
+    ("el", "ell"),
+    ("he", "heb"),
+    ("ka", "kat"),
+    ("hy", "hye"),
+    ("am", "amh"),
+    ("bn", "ben"),
+    ("ta", "tam"),
     # thinly covered locales: the long tail
-    ("sa", "san"), ("haw", "haw"), ("ii", "iii"), ("kw", "cor"), ("iu", "iku"), ("gv", "glv"),
+    ("sa", "san"),
+    ("haw", "haw"),
+    ("ii", "iii"),
+    ("kw", "cor"),
+    ("iu", "iku"),
+    ("gv", "glv"),
 )
 
 ENGLISH = "eng"
 
 # CLDR sections with translated text. Patterns (dates, numbers) are not text and are skipped.
 CATEGORIES: tuple[str, ...] = (
-    "languages", "territories", "scripts", "variants", "currency_names",
-    "currency_names_plural", "months", "days", "quarters", "eras", "day_periods",
-    "time_zones", "meta_zones", "unit_display_names", "unit_patterns", "date_fields",
+    "languages",
+    "territories",
+    "scripts",
+    "variants",
+    "currency_names",
+    "currency_names_plural",
+    "months",
+    "days",
+    "quarters",
+    "eras",
+    "day_periods",
+    "time_zones",
+    "meta_zones",
+    "unit_display_names",
+    "unit_patterns",
+    "date_fields",
     "measurement_systems",
 )
 

@@ -32,7 +32,10 @@ from data_recipes.base import (
 
 FORMATS = ("auto", "disk", "json", "parquet", "csv")
 _SUFFIX_TO_BUILDER = {
-    ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
 }
 _PAIR_RE = re.compile(r"^([A-Za-z0-9_]+)-([A-Za-z0-9_]+)$")
 
@@ -123,7 +126,9 @@ class HFGeneric:
             files = [path]
         else:
             suffixes = [s for s, b in _SUFFIX_TO_BUILDER.items() if b == fmt]
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+            files = sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes
+            )
         if not files:
             raise ValueError(f"dataset path {str(path)!r} has no {fmt} data files")
         for file in files:
@@ -232,7 +237,9 @@ class HFGeneric:
             try:
                 validate_source_name(source)
             except ValueError as err:
-                raise ValueError(f"{str(self.path)!r} column {self.source_column!r}: {err}") from err
+                raise ValueError(
+                    f"{str(self.path)!r} column {self.source_column!r}: {err}"
+                ) from err
             attrs = {"dataset": self.path.name}
             if parallel:
                 match = _PAIR_RE.match(source)

@@ -49,7 +49,9 @@ def read_tsv_pairs(path: str | Path, limit: int | None = None) -> list[dict[str,
                     )
                 src, tgt = parts[0].strip(), parts[1].strip()
                 if not src or not tgt:
-                    raise ValueError(f"{str(path)!r} line {lineno}: empty src or tgt: {line[:80]!r}")
+                    raise ValueError(
+                        f"{str(path)!r} line {lineno}: empty src or tgt: {line[:80]!r}"
+                    )
                 records.append({"src": src, "tgt": tgt})
                 if limit is not None and len(records) >= limit:
                     break

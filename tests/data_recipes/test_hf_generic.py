@@ -17,7 +17,9 @@ ROWS = [
 
 
 def _jsonl(path, rows=ROWS):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -50,7 +52,10 @@ def test_csv_and_parquet(tmp_path):
 def test_save_to_disk_parallel(tmp_path):
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
     recipe = HFGeneric(
-        tmp_path / "saved", source_column="lang", text_column="text", target_column="en",
+        tmp_path / "saved",
+        source_column="lang",
+        text_column="text",
+        target_column="en",
         languages=["deu", "ell"],
     )
     sources = {s.name: s for s in recipe.sources()}
@@ -83,7 +88,9 @@ def test_missing_path_and_empty_file(tmp_path):
 
 
 def test_zero_documents_in_a_source(tmp_path):
-    path = _jsonl(tmp_path / "d.jsonl", [{"lang": "fra", "text": " "}, {"lang": "deu", "text": "Ja"}])
+    path = _jsonl(
+        tmp_path / "d.jsonl", [{"lang": "fra", "text": " "}, {"lang": "deu", "text": "Ja"}]
+    )
     with pytest.raises(ValueError, match="'fra'.*zero documents"):
         list(HFGeneric(path, source_column="lang", text_column="text").sources())
 

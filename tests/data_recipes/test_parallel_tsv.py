@@ -21,7 +21,11 @@ def test_reads_pairs(tsv_dir):
     sources = {s.name: s for s in ParallelTSV(tsv_dir).sources()}
     assert sorted(sources) == ["deu-eng", "ell-eng"]
     deu = sources["deu-eng"]
-    assert deu.kind == "parallel" and (deu.src_lang, deu.tgt_lang, deu.language) == ("deu", "eng", "deu")
+    assert deu.kind == "parallel" and (deu.src_lang, deu.tgt_lang, deu.language) == (
+        "deu",
+        "eng",
+        "deu",
+    )
     assert deu.records == [{"src": "Hallo.", "tgt": "Hello."}, {"src": "Danke.", "tgt": "Thanks."}]
     assert sources["ell-eng"].script == "Grek"
 
