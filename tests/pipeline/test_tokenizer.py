@@ -1,0 +1,136 @@
+"""Tokenizer: language tags, byte fallback, caching, token counts, fertility."""
+
+import os
+
+import numpy as np
+import pytest
+
+import pipeline.tokenizer as tokenizer_mod
+from data_recipes.embedded_cldr import EmbeddedCLDR
+from pipeline.sources import prepare_sources
+from pipeline.tokenizer import (
+    Tokenizer,
+    TokenizerConfig,
+    count_tokens,
+    fertility,
+    temperature_probs,
+    train_tokenizer,
+)
+
+SMALL = TokenizerConfig(vocab_size=700, sample_sentences=4000, seed=1)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def corpus(cache):
+    # Small alphabets (Latin, Greek, Cyrillic, Georgian) so a 700-piece vocab trains in ~1 s.
+    recipe = EmbeddedCLDR(locales=["de", "el", "ru", "ka", "gv"])
+    return prepare_sources(recipe, cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok(corpus, cache):
+    return train_tokenizer(corpus, SMALL, cache)
+
+
+def test_special_ids_and_layout(tok, cache):
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    assert tok.vocab_size == 700
+    assert (tok.path / "spm.model").is_file() and tok.path.parent == cache / "tokenizers"
+    assert tok.path.name == tok.content_hash[:16]
+
+
+def test_language_tags_are_single_pieces(tok, corpus):
+    assert tok.languages == corpus.languages() == ["deu", "ell", "eng", "glv", "kat", "rus"]
+    for lang in tok.languages:
+        tag = tok.lang_tag(lang)
+        assert tag == f"<2{lang}>"
+        ids = tok.encode([f"{tag}Hallo {tag} Welt"])[0]
+        assert ids.count(tok.lang_tag_id(lang)) == 2
+        assert tok.lang_tag_id(lang) not in (tok.unk_id, tok.pad_id)
+    with pytest.raises(ValueError, match="'fra' has no tag"):
+        tok.lang_tag_id("fra")
+
+
+def test_byte_fallback_has_no_unk(tok):
+    text = "snow \U0001f600 \u2603 \u0b95"  # emoji, snowman, Tamil letter: none in training data
+    (ids,) = tok.encode([text])
+    assert tok.unk_id not in ids
+    assert tok.decode(ids) == text
+    assert tok.decode([ids, ids]) == [text, text]
+
+
+def test_encode_requires_a_list(tok):
+    with pytest.raises(ValueError, match="list of strings"):
+        tok.encode("hello")
+
+
+def test_cache_hit(tok, corpus, cache, monkeypatch):
+    mtime = os.stat(tok.path / "spm.model").st_mtime_ns
+
+    def boom(*args, **kwargs):
+        raise AssertionError("retrained on a cache hit")
+
+    monkeypatch.setattr(tokenizer_mod, "_train_model", boom)
+    again = train_tokenizer(corpus, SMALL, cache)
+    assert again.path == tok.path and again.content_hash == tok.content_hash
+    assert os.stat(again.path / "spm.model").st_mtime_ns == mtime
+    loaded = Tokenizer.load(tok.path)
+    assert loaded.encode(["Guten Tag"]) == tok.encode(["Guten Tag"])
+    bare = Tokenizer.load(tok.path / "spm.model")
+    assert bare.languages == tok.languages
+
+
+def test_config_change_changes_hash(corpus, cache):
+    cfg = TokenizerConfig(vocab_size=600, sample_sentences=2000, seed=1, model_type="bpe")
+    other = train_tokenizer(corpus, cfg, cache)
+    assert other.content_hash != train_tokenizer(corpus, SMALL, cache).content_hash
+    assert other.vocab_size == 600
+
+
+def test_count_tokens_matches_encode(tok, corpus):
+    counts = count_tokens(corpus, tok, progress=False)
+    assert sorted(counts) == corpus.source_names
+    for name in ("glv", "ell-eng"):
+        ds = corpus.dataset(name)
+        cols = ("src", "tgt") if corpus.kind(name) == "parallel" else ("text",)
+        expected = sum(len(ids) for c in cols for ids in tok.encode(ds[c]))
+        assert counts[name] == expected
+    corpus.attach_token_counts(counts, tok.content_hash)
+    assert corpus.sizes("tokens") == counts
+
+
+def test_fertility_for_every_source(tok, corpus):
+    fert = fertility(corpus, tok)
+    assert sorted(fert) == corpus.source_names
+    assert all(0.05 < v < 2.0 for v in fert.values()), fert
+    # Sampling path: fewer docs than the source has, still deterministic.
+    assert fertility(corpus, tok, max_documents=50) == fertility(corpus, tok, max_documents=50)
+
+
+def test_temperature_probs_flatten_the_tail():
+    probs = temperature_probs({"big": 10000, "small": 10}, temperature=3.33)
+    assert probs["small"] > 10 / 10010
+    assert np.isclose(sum(probs.values()), 1.0)
+    assert temperature_probs({"a": 9, "b": 1}, 1.0) == pytest.approx({"a": 0.9, "b": 0.1})
+
+
+def test_vocab_too_large_is_a_clear_error(corpus, tmp_path):
+    cfg = TokenizerConfig(vocab_size=50000, sample_sentences=500)
+    with pytest.raises(ValueError, match="vocab_size=50000"):
+        train_tokenizer(corpus, cfg, tmp_path)
+    leftovers = (
+        list((tmp_path / "tokenizers").glob("*")) if (tmp_path / "tokenizers").exists() else []
+    )
+    assert leftovers == []
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="model_type"):
+        TokenizerConfig(model_type="wordpiece")
+    with pytest.raises(ValueError, match="temperature"):
+        TokenizerConfig(temperature=0)
