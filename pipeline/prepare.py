@@ -1,0 +1,152 @@
+"""Prepare a corpus: build its sources, train its tokenizer, count tokens, log a table.
+
+Usage::
+
+    python -m pipeline.prepare                         # embedded CLDR corpus, default tokenizer
+    python -m pipeline.prepare data=tatoeba_mono data.languages=[eng,deu,swh]
+    python -m pipeline.prepare cache_dir=/scratch/mixpipe tokenizer.vocab_size=16000
+
+Everything is cached under ``cache_dir`` by content hash, so a second run only loads.
+Training and the mixture report call :func:`prepare` with their own composed config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from data_recipes.base import Recipe
+from pipeline.sources import PreparedCorpus, prepare_sources
+from pipeline.tokenizer import Tokenizer, TokenizerConfig, count_tokens, train_tokenizer
+
+log = logging.getLogger("pipeline.prepare")  # stable name under `python -m`
+
+
+def build_recipe(data_cfg: Any) -> Recipe:
+    """Instantiate the recipe from ``cfg.data``; config errors become ValueError."""
+    target = OmegaConf.select(data_cfg, "_target_") if isinstance(data_cfg, DictConfig) else None
+    try:
+        recipe = instantiate(data_cfg)
+    except Exception as err:  # hydra wraps constructor errors in InstantiationException
+        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else err
+        raise ValueError(f"cannot build the data recipe {target!r} from cfg.data: {cause}") from err
+    if not isinstance(recipe, Recipe):
+        raise ValueError(
+            f"cfg.data built {type(recipe).__name__}, which lacks the recipe interface "
+            "(name, fingerprint(), sources())"
+        )
+    return recipe
+
+
+def build_tokenizer_config(tok_cfg: Any) -> TokenizerConfig:
+    """A TokenizerConfig from ``cfg.tokenizer`` (with or without ``_target_``)."""
+    if tok_cfg is None:
+        return TokenizerConfig()
+    try:
+        if isinstance(tok_cfg, DictConfig) and "_target_" in tok_cfg:
+            config = instantiate(tok_cfg)
+        else:
+            container = (
+                OmegaConf.to_container(tok_cfg, resolve=True)
+                if isinstance(tok_cfg, DictConfig)
+                else tok_cfg
+            )
+            config = TokenizerConfig(**container)
+    except Exception as err:
+        cause = err.__cause__ if isinstance(err.__cause__, (ValueError, TypeError)) else err
+        raise ValueError(f"invalid cfg.tokenizer: {cause}") from err
+    if not isinstance(config, TokenizerConfig):
+        raise ValueError(f"cfg.tokenizer built {type(config).__name__}, expected TokenizerConfig")
+    return config
+
+
+def format_table(corpus: PreparedCorpus) -> str:
+    """Per-source table: kind, language, documents, characters, tokens, tokens/char."""
+    tokens = corpus.token_counts or {}
+    header = ("source", "kind", "lang", "script", "documents", "characters", "tokens", "tok/char")
+    rows = []
+    totals = [0, 0, 0]
+    for name in corpus.source_names:
+        info = corpus.source_info(name)
+        docs, chars = info["num_documents"], info["num_characters"]
+        toks = tokens.get(name)
+        totals[0] += docs
+        totals[1] += chars
+        totals[2] += toks or 0
+        rows.append(
+            (
+                name,
+                info["kind"],
+                info["language"],
+                info.get("script") or "-",
+                f"{docs:,}",
+                f"{chars:,}",
+                "-" if toks is None else f"{toks:,}",
+                "-" if toks is None or not chars else f"{toks / chars:.3f}",
+            )
+        )
+    tok_total = f"{totals[2]:,}" if tokens else "-"
+    ratio = f"{totals[2] / totals[1]:.3f}" if tokens and totals[1] else "-"
+    rows.append(("TOTAL", "", "", "", f"{totals[0]:,}", f"{totals[1]:,}", tok_total, ratio))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for i, row in enumerate([header, *rows]):
+        cells = [
+            str(c).ljust(w) if j < 4 else str(c).rjust(w)
+            for j, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0 or i == len(rows) - 1:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def prepare(cfg: DictConfig, progress: bool | None = None) -> tuple[PreparedCorpus, Tokenizer]:
+    """Prepare ``cfg.data``, train/load ``cfg.tokenizer``, attach token counts, log a table.
+
+    Args:
+        cfg: the composed root config (uses ``data``, ``tokenizer``, ``cache_dir``).
+        progress: show progress bars; defaults to ``cfg.progress`` if set, else True.
+
+    Returns:
+        (corpus with token counts attached, tokenizer).
+    """
+    if progress is None:
+        progress = bool(OmegaConf.select(cfg, "progress", default=True))
+    cache_dir = Path(OmegaConf.select(cfg, "cache_dir", default=".cache/mixpipe"))
+    recipe = build_recipe(cfg.data)
+    tok_config = build_tokenizer_config(OmegaConf.select(cfg, "tokenizer"))
+    corpus = prepare_sources(recipe, cache_dir, progress=progress)
+    tokenizer = train_tokenizer(corpus, tok_config, cache_dir)
+    if corpus.load_token_counts(tokenizer.content_hash) is None:
+        counts = count_tokens(corpus, tokenizer, progress=progress)
+        corpus.attach_token_counts(counts, tokenizer.content_hash)
+    sizes = corpus.sizes("documents")
+    ratio = max(sizes.values()) / max(1, min(sizes.values()))
+    log.info(
+        "corpus %s: %d sources, %d languages, largest/smallest source %.0f:1 (documents); "
+        "tokenizer %s (vocab %d)",
+        corpus.path,
+        len(sizes),
+        len(corpus.languages()),
+        ratio if math.isfinite(ratio) else 0,
+        tokenizer.path,
+        tokenizer.vocab_size,
+    )
+    log.info("prepared sources\n%s", format_table(corpus))
+    return corpus, tokenizer
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    prepare(cfg)
+
+
+if __name__ == "__main__":
+    main()
