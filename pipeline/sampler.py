@@ -201,7 +201,7 @@ class MixtureSampler:
 class RankBatchSampler:
     """A DataLoader `batch_sampler` yielding one rank's micro-batches from `start_step`.
 
-    Each item is a list of (source_id, example_index) pairs. Batches are made in the main
+    Each item is a list of (source_id, example_index, global_step) triples. Batches are made in the main
     process, so `num_workers` only changes who loads rows, never which rows.
 
     Args:
@@ -232,9 +232,9 @@ class RankBatchSampler:
     def __len__(self) -> int:
         return max(0, self.num_steps) * self.accumulation
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         for step in range(self.start_step, self.start_step + self.num_steps):
             batch = self.sampler.rank_slice(step, self.rank, self.world_size)
-            pairs = list(zip(batch.source.tolist(), batch.index.tolist()))
+            pairs = [(s, i, step) for s, i in zip(batch.source.tolist(), batch.index.tolist())]
             for micro in range(self.accumulation):
                 yield pairs[micro * self.micro_batch_size:(micro + 1) * self.micro_batch_size]

@@ -4,3 +4,32 @@ import os
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+
+def compose(overrides=()):
+    """The root config with overrides, composed without running a Hydra app."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import pipeline.mixing.config  # noqa: F401  (registers the ${mul:...} resolver)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """(cfg, corpus, tokenizer) for the embedded demo corpus, prepared once per session."""
+    from pipeline.prepare import prepare
+
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = compose(["experiment=demo", f"cache_dir={cache}", "+progress=false"])
+    corpus, tokenizer = prepare(cfg, progress=False)
+    return cfg, corpus, tokenizer

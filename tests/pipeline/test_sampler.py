@@ -87,8 +87,9 @@ def test_resume_on_another_world_size_continues_the_global_stream(mode, old_worl
                     for r in range(world)]
         steps = []
         for i in range(count):
-            merged = [pair for r in range(world) for pair in per_rank[r][i]]
-            steps.append(([s for s, _ in merged], [x for _, x in merged]))
+            merged = [triple for r in range(world) for triple in per_rank[r][i]]
+            assert {t for _, _, t in merged} == {start + i}
+            steps.append(([s for s, _, _ in merged], [x for _, x, _ in merged]))
         return steps
 
     before = global_steps(old_world, 0, 8)
@@ -165,9 +166,8 @@ def test_resume_from_step_only_is_fast_at_a_million_steps(mode):
 
 
 class _PairDataset(Dataset):
-    def __getitem__(self, pair):
-        source, index = pair
-        return torch.tensor([source, index])
+    def __getitem__(self, triple):
+        return torch.tensor(triple)
 
 
 @pytest.mark.parametrize("mode", ["exact", "stochastic"])

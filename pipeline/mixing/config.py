@@ -1,0 +1,61 @@
+"""Build mixing stages and the sampler from the composed Hydra config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.mixing.base import Compose, MixingStage
+from pipeline.sampler import MixtureSampler
+
+SIZE_UNITS = ("documents", "tokens", "characters")
+
+
+def register_resolvers() -> None:
+    """`${mul:a,b}` for budgets such as total_steps * global_batch_size."""
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
+
+
+register_resolvers()
+
+
+def build_stage(mixture_cfg: DictConfig) -> Compose:
+    """`Compose` of the `mixture.stages` list, each instantiated from its `_target_`."""
+    if "stages" not in mixture_cfg or not mixture_cfg.stages:
+        raise ValueError("mixture config needs a non-empty `stages` list (see conf/mixture/)")
+    stages = []
+    for position, stage_cfg in enumerate(mixture_cfg.stages):
+        try:
+            stage = instantiate(stage_cfg)
+        except Exception as error:  # Hydra wraps the stage's ValueError; name the entry
+            raise ValueError(f"mixture.stages[{position}] ({stage_cfg.get('_target_')}): {error}") from error
+        if not isinstance(stage, MixingStage):
+            raise ValueError(f"mixture.stages[{position}] built {stage!r}, not a MixingStage")
+        stages.append(stage)
+    return Compose(stages)
+
+
+def mixture_sizes(mixture_cfg: DictConfig, sizes_by_unit) -> Mapping[str, int]:
+    """Sizes in the configured unit; `sizes_by_unit(unit)` is e.g. `PreparedCorpus.sizes`."""
+    unit = mixture_cfg.get("size_unit", "documents")
+    if unit not in SIZE_UNITS:
+        raise ValueError(f"mixture.size_unit must be one of {SIZE_UNITS}, got {unit!r}")
+    return sizes_by_unit(unit)
+
+
+def build_sampler(cfg: DictConfig, num_documents: Mapping[str, int],
+                  sizes: Mapping[str, float] | None = None) -> MixtureSampler:
+    """The run's sampler from `cfg.mixture`, `cfg.sampler`, `cfg.run` and `cfg.seed`."""
+    return MixtureSampler(
+        build_stage(cfg.mixture),
+        num_documents,
+        global_batch_size=cfg.run.global_batch_size,
+        total_steps=cfg.run.total_steps,
+        seed=cfg.seed,
+        mode=cfg.sampler.mode,
+        mixture_sizes=sizes,
+        update_steps=cfg.sampler.get("update_steps"),
+    )

@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.datamodule import (
+    IGNORE_INDEX,
+    MixtureCollator,
+    MixtureDataModule,
+    MixtureDataset,
+    datamodule_from_config,
+    select_sources,
+)
+from pipeline.mixing import Compose, Cooldown, Upweight
+from pipeline.sampler import MixtureSampler
+
+
+def _module(demo_data, kinds=("mono",), stage=None, pack=False, workers=0, micro=8):
+    _, corpus, tokenizer = demo_data
+    names = select_sources(corpus, kinds)
+    sampler = MixtureSampler(stage or Compose([Cooldown(5, 1, 0.5), Upweight()]),
+                             {n: corpus.num_documents(n) for n in names}, global_batch_size=16,
+                             total_steps=10, seed=3)
+    return MixtureDataModule(corpus, tokenizer, sampler, micro_batch_size=micro, max_length=48,
+                             pack=pack, num_workers=workers)
+
+
+def test_batches_carry_sources_weights_and_shifted_targets(demo_data):
+    module = _module(demo_data)
+    batch = next(iter(module.train_dataloader()))
+    b, t = batch["input_ids"].shape
+    assert b == 8 and t <= 47
+    for key in ("labels", "token_weights", "token_source_ids", "attention_mask"):
+        assert batch[key].shape == (b, t)
+    targets = batch["labels"] != IGNORE_INDEX
+    # Weights live exactly on target tokens and equal the plan's weight of the row's source.
+    assert ((batch["token_weights"] > 0) == targets).all()
+    plan = module.sampler.plan_at(0)
+    for row in range(b):
+        expected = plan.loss_weights[int(batch["source_ids"][row])]
+        assert torch.allclose(batch["token_weights"][row][targets[row]], torch.tensor(expected, dtype=torch.float))
+    # Labels are the next input token (where that token is inside the row) and rows end in eos.
+    inside = targets[:, :-1] & batch["attention_mask"][:, 1:].bool()
+    assert torch.equal(batch["labels"][:, :-1][inside], batch["input_ids"][:, 1:][inside])
+    last = batch["attention_mask"].sum(1) - 1
+    assert (batch["labels"][torch.arange(b), last] == demo_data[2].eos_id).all()
+    assert batch["num_target_tokens"] == targets.sum()
+
+
+def test_rows_match_the_sampler_and_the_source_text(demo_data):
+    module = _module(demo_data)
+    _, corpus, tokenizer = demo_data
+    batch = next(iter(module.train_dataloader()))
+    expected = module.sampler.rank_slice(0, 0, 1)
+    assert batch["source_ids"].tolist() == expected.source[:8].tolist()
+    name = module.sources[int(expected.source[0])]
+    text = corpus.dataset(name)[int(expected.index[0])]["text"]
+    ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    assert ids[0] == tokenizer.bos_id and tokenizer.decode(ids[1:]) == text[: len(tokenizer.decode(ids[1:]))]
+
+
+def test_translation_rows_train_only_the_target_side(demo_data):
+    _, corpus, tokenizer = demo_data
+    dataset = MixtureDataset(corpus, tokenizer, ["deu-eng"], max_length=64, direction="to_eng")
+    example = dataset[(0, 5, 0)]
+    row = corpus.dataset("deu-eng")[5]
+    ids = example["ids"]
+    assert ids[0] == tokenizer.lang_tag_id("eng")
+    target = ids[example["target_from"]:-1]
+    assert tokenizer.decode(target) == row["tgt"]
+    reverse = MixtureDataset(corpus, tokenizer, ["deu-eng"], max_length=64, direction="from_eng")[(0, 5, 0)]
+    assert reverse["ids"][0] == tokenizer.lang_tag_id("deu")
+
+
+def test_packing_keeps_per_token_sources_and_all_targets(demo_data):
+    padded = next(iter(_module(demo_data, pack=False, micro=16).train_dataloader()))
+    packed = next(iter(_module(demo_data, pack=True, micro=16).train_dataloader()))
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    assert packed["num_target_tokens"] == padded["num_target_tokens"]
+    per_source = lambda b: np.bincount(b["token_source_ids"][b["labels"] != IGNORE_INDEX].numpy(), minlength=40)
+    np.testing.assert_array_equal(per_source(packed), per_source(padded))
+    assert packed["token_weights"].sum() == pytest.approx(float(padded["token_weights"].sum()), rel=1e-6)
+
+
+def test_workers_give_identical_batches(demo_data):
+    def batches(workers):
+        return [b["input_ids"].tolist() for b in _module(demo_data, workers=workers).train_dataloader()]
+
+    assert batches(0) == batches(2)
+
+
+def test_state_dict_resumes_the_stream(demo_data):
+    module = _module(demo_data)
+    everything = [b["input_ids"].tolist() for b in module.train_dataloader()]
+    module.start_step = 4
+    state = module.state_dict()
+    fresh = _module(demo_data)
+    fresh.load_state_dict(state)
+    resumed = [b["input_ids"].tolist() for b in fresh.train_dataloader()]
+    assert resumed == everything[4 * 2:]  # 2 micro-batches per step
+    with pytest.raises(ValueError, match="sampler"):
+        fresh.load_state_dict({})
+
+
+def test_from_config_selects_sources(demo_data):
+    cfg, corpus, tokenizer = demo_data
+    module = datamodule_from_config(cfg, corpus, tokenizer)
+    assert all(corpus.kind(n) == "mono" for n in module.sources) and "eng" in module.sources
+    with pytest.raises(ValueError, match="unknown source 'xxx'"):
+        select_sources(corpus, ["mono"], include=["xxx"])
+    with pytest.raises(ValueError, match="no sources selected"):
+        select_sources(corpus, ["image"])
+
+
+def test_collator_caps_rows_at_max_length(demo_data):
+    _, corpus, tokenizer = demo_data
+    sampler = MixtureSampler(Compose([Cooldown()]), {"eng": corpus.num_documents("eng")}, 4, 2)
+    collate = MixtureCollator(sampler, tokenizer.pad_id, max_length=8)
+    long = {"ids": list(range(4, 30)), "target_from": 1, "source_id": 0, "step": 0}
+    batch = collate([long])
+    assert batch["input_ids"].shape == (1, 8)
+    assert batch["labels"][0].tolist() == list(range(5, 13))
