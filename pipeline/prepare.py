@@ -143,6 +143,9 @@ def prepare(cfg: DictConfig, progress: bool | None = None) -> tuple[PreparedCorp
     return corpus, tokenizer
 
 
+import pipeline.config_schema  # noqa: E402,F401  (registers base_config for the Hydra app)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     prepare(cfg)

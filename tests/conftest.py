@@ -30,6 +30,12 @@ def demo_data(tmp_path_factory):
     from pipeline.prepare import prepare
 
     cache = tmp_path_factory.mktemp("cache")
-    cfg = compose(["experiment=demo", f"cache_dir={cache}", "+progress=false"])
+    cfg = compose(["experiment=demo", f"cache_dir={cache}", "progress=false"])
     corpus, tokenizer = prepare(cfg, progress=False)
     return cfg, corpus, tokenizer
+
+
+@pytest.fixture
+def compose_config():
+    """`compose(overrides)` as a fixture (conftest is not importable in importlib mode)."""
+    return compose

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import pipeline.config_schema  # noqa: F401  (registers base_config before any compose)
 from pipeline.mixing.base import Compose, MixingStage
 from pipeline.sampler import MixtureSampler
 
@@ -31,7 +32,8 @@ def build_stage(mixture_cfg: DictConfig) -> Compose:
         try:
             stage = instantiate(stage_cfg)
         except Exception as error:  # Hydra wraps the stage's ValueError; name the entry
-            raise ValueError(f"mixture.stages[{position}] ({stage_cfg.get('_target_')}): {error}") from error
+            cause = error.__cause__ if isinstance(error.__cause__, ValueError) else error
+            raise ValueError(f"mixture.stages[{position}] ({stage_cfg.get('_target_')}): {cause}") from error
         if not isinstance(stage, MixingStage):
             raise ValueError(f"mixture.stages[{position}] built {stage!r}, not a MixingStage")
         stages.append(stage)

@@ -155,6 +155,8 @@ def report_for_config(cfg) -> tuple[MixtureReport, str]:
 def main() -> None:
     import hydra
 
+    import pipeline.config_schema  # noqa: F401  (registers base_config)
+
     @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
     def _run(cfg) -> None:
         _, text = report_for_config(cfg)

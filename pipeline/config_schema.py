@@ -1,0 +1,77 @@
+"""Typed schemas for the root config, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` lists `base_config` first in its defaults, so every composed config is
+checked against these dataclasses: a misspelt key (``run.total_step=5``) or a wrong type
+(``run.total_steps=ten``) fails at compose time with the key's name, before any work.
+Groups whose keys depend on their `_target_` (data recipes, mixing stages, tokenizer)
+are typed `Any` here; their targets validate their own arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class RunSchema:
+    total_steps: int = 1000  # planned optimizer steps: progress = step / total_steps
+    global_batch_size: int = 64  # examples per optimizer step, all ranks and micro-batches
+
+
+@dataclass
+class SourcesSchema:
+    kinds: list[str] = field(default_factory=lambda: ["mono", "parallel"])
+    include: Optional[list[str]] = None
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoaderSchema:
+    micro_batch_size: int = 64
+    max_length: int = 128
+    pack: bool = False
+    num_workers: int = 0
+    direction: str = "both"
+
+
+@dataclass
+class SamplerSchema:
+    mode: str = "exact"
+    update_steps: Optional[int] = None
+
+
+@dataclass
+class MixtureSchema:
+    size_unit: str = "documents"
+    stages: list[Any] = MISSING
+
+
+@dataclass
+class ReportSchema:
+    max_epochs: float = 10.0
+
+
+@dataclass
+class RootSchema:
+    data: Any = MISSING
+    tokenizer: Any = MISSING
+    mixture: MixtureSchema = field(default_factory=MixtureSchema)
+    sampler: SamplerSchema = field(default_factory=SamplerSchema)
+    seed: int = 1234
+    cache_dir: str = ".cache/mixpipe"
+    progress: bool = True
+    run: RunSchema = field(default_factory=RunSchema)
+    sources: SourcesSchema = field(default_factory=SourcesSchema)
+    loader: LoaderSchema = field(default_factory=LoaderSchema)
+    report: ReportSchema = field(default_factory=ReportSchema)
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="base_config", node=RootSchema)
+
+
+register_schemas()
