@@ -10,7 +10,7 @@ are typed `Any` here; their targets validate their own arguments.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional  # Optional, not `X | None`: OmegaConf 2.3 rejects the latter
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -25,7 +25,7 @@ class RunSchema:
 @dataclass
 class SourcesSchema:
     kinds: list[str] = field(default_factory=lambda: ["mono", "parallel"])
-    include: Optional[list[str]] = None
+    include: Optional[list[str]] = None  # noqa: UP045
     exclude: list[str] = field(default_factory=list)
 
 
@@ -41,7 +41,7 @@ class LoaderSchema:
 @dataclass
 class SamplerSchema:
     mode: str = "exact"
-    update_steps: Optional[int] = None
+    update_steps: Optional[int] = None  # noqa: UP045
 
 
 @dataclass

@@ -65,7 +65,7 @@ class MixtureDataset(Dataset):
                                          [items[p][1] for p in positions])
             else:
                 made = self._language_model(rows["text"])
-            for p, example in zip(positions, made):
+            for p, example in zip(positions, made, strict=True):
                 example.update(source_id=source_id, index=int(items[p][1]), step=int(items[p][2]))
                 examples[p] = example
         return examples  # type: ignore[return-value]
@@ -89,7 +89,7 @@ class MixtureDataset(Dataset):
         tok = self.tokenizer
         src_ids, tgt_ids = tok.encode(list(sources)), tok.encode(list(targets))
         out = []
-        for a, b, index in zip(src_ids, tgt_ids, indices):
+        for a, b, index in zip(src_ids, tgt_ids, indices, strict=True):
             # Direction per example is fixed by its index, so reruns see the same task.
             reverse = self.direction == "from_eng" or (self.direction == "both" and index % 2 == 1)
             (x, x_lang), (y, y_lang) = ((b, tgt_lang), (a, src_lang)) if reverse else ((a, src_lang), (b, tgt_lang))

@@ -157,7 +157,7 @@ class MixtureSampler:
     def epochs(self, step: int) -> dict[str, float]:
         """Passes over each source consumed before `step` (fractional)."""
         counts = self.draw_counts(step)
-        return {name: float(c) / float(n) for name, c, n in zip(self.sources, counts, self.num_documents)}
+        return {name: float(c) / float(n) for name, c, n in zip(self.sources, counts, self.num_documents, strict=True)}
 
     def cumulative_targets(self, step: int) -> np.ndarray:
         """(S,) expected draws per source before `step` under the schedule."""
@@ -235,6 +235,6 @@ class RankBatchSampler:
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         for step in range(self.start_step, self.start_step + self.num_steps):
             batch = self.sampler.rank_slice(step, self.rank, self.world_size)
-            pairs = [(s, i, step) for s, i in zip(batch.source.tolist(), batch.index.tolist())]
+            pairs = [(s, i, step) for s, i in zip(batch.source.tolist(), batch.index.tolist(), strict=True)]
             for micro in range(self.accumulation):
                 yield pairs[micro * self.micro_batch_size:(micro + 1) * self.micro_batch_size]

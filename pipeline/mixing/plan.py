@@ -44,8 +44,8 @@ class MixturePlan:
                 f"plan arrays must have shape ({len(self.sources)},): "
                 f"sample_probs {probs.shape}, loss_weights {weights.shape}"
             )
-        check_finite_nonnegative(dict(zip(self.sources, probs)), "sample probability")
-        check_finite_nonnegative(dict(zip(self.sources, weights)), "loss weight")
+        check_finite_nonnegative(dict(zip(self.sources, probs, strict=True)), "sample probability")
+        check_finite_nonnegative(dict(zip(self.sources, weights, strict=True)), "loss weight")
         total = probs.sum()
         if not total > 0:
             raise ValueError("all sample probabilities are zero: the mixture draws nothing")
@@ -63,7 +63,7 @@ class MixturePlan:
     ) -> MixturePlan:
         """Normalise non-negative masses into probabilities (ValueError if all zero)."""
         masses = np.asarray(unnormalised_probs, dtype=np.float64)
-        check_finite_nonnegative(dict(zip(sources, masses)), "sampling mass")
+        check_finite_nonnegative(dict(zip(sources, masses, strict=True)), "sampling mass")
         total = masses.sum()
         if not total > 0:
             raise ValueError(
@@ -88,7 +88,7 @@ class MixturePlan:
         """{source: {"prob": p, "loss_weight": w}} for logging and reports."""
         return {
             name: {"prob": float(p), "loss_weight": float(w)}
-            for name, p, w in zip(self.sources, self.sample_probs, self.loss_weights)
+            for name, p, w in zip(self.sources, self.sample_probs, self.loss_weights, strict=True)
         }
 
     def expected_loss_weight(self) -> float:
@@ -119,7 +119,7 @@ def validate_sizes(sizes: Mapping[str, int | float]) -> tuple[tuple[str, ...], n
             raise ValueError(f"source names must be non-empty strings, got {name!r}")
     check_finite_nonnegative(sizes, "size")
     array = np.array([float(sizes[name]) for name in names], dtype=np.float64)
-    empty = [name for name, size in zip(names, array) if size == 0]
+    empty = [name for name, size in zip(names, array, strict=True) if size == 0]
     if empty:
         raise ValueError(f"source {empty[0]!r} has zero documents (size 0); remove it or fix the data")
     return names, array

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
@@ -75,7 +76,7 @@ def build_report(sampler: MixtureSampler, sizes: dict[str, float] | None = None,
     total = schedule.total_steps
     edges = sorted({0, total, *(min(total, max(0, round(b * total))) for b in schedule.stage.breakpoints())})
     phases = []
-    for first, end in zip(edges, edges[1:]):
+    for first, end in pairwise(edges):
         if end <= first:
             continue
         start_plan, end_plan = schedule.plan_at(first), schedule.plan_at(end - 1)
@@ -93,7 +94,7 @@ def build_report(sampler: MixtureSampler, sizes: dict[str, float] | None = None,
             flags.setdefault(name, []).append("ZERO")
         if epochs[i] > max_epochs:
             flags.setdefault(name, []).append(f"EPOCHS>{max_epochs:g}")
-    size_array = np.array([float((sizes or {}).get(n, d)) for n, d in zip(sampler.sources, sampler.num_documents)])
+    size_array = np.array([float((sizes or {}).get(n, d)) for n, d in zip(sampler.sources, sampler.num_documents, strict=True)])
     return MixtureReport(
         sampler.sources, sampler.num_documents, size_array, size_unit, total,
         sampler.global_batch_size, phases, expected, epochs, max_epochs,

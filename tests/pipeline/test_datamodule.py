@@ -76,7 +76,10 @@ def test_packing_keeps_per_token_sources_and_all_targets(demo_data):
     packed = next(iter(_module(demo_data, pack=True, micro=16).train_dataloader()))
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
     assert packed["num_target_tokens"] == padded["num_target_tokens"]
-    per_source = lambda b: np.bincount(b["token_source_ids"][b["labels"] != IGNORE_INDEX].numpy(), minlength=40)
+
+    def per_source(b):
+        return np.bincount(b["token_source_ids"][b["labels"] != IGNORE_INDEX].numpy(), minlength=40)
+
     np.testing.assert_array_equal(per_source(packed), per_source(padded))
     assert packed["token_weights"].sum() == pytest.approx(float(padded["token_weights"].sum()), rel=1e-6)
 

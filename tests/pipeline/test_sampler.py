@@ -103,7 +103,7 @@ def test_ranks_get_disjoint_equal_slices():
     for step in range(10):
         slices = [sampler.rank_slice(step, r, 4) for r in range(4)]
         assert {len(s.source) for s in slices} == {12}
-        pairs = [(s, d) for sl in slices for s, d in zip(sl.source.tolist(), sl.draw.tolist())]
+        pairs = [(s, d) for sl in slices for s, d in zip(sl.source.tolist(), sl.draw.tolist(), strict=True)]
         assert len(set(pairs)) == 48  # no draw is served to two ranks
 
 
@@ -216,7 +216,7 @@ def test_properties(sizes, tau, switch, batch, steps, seed, mode, split):
     split = min(split, steps)
     whole = sampler.positions(0, steps * batch)
     first, second = sampler.positions(0, split * batch), sampler.positions(split * batch, steps * batch)
-    for full, a, b in zip(whole, first, second):
+    for full, a, b in zip(whole, first, second, strict=True):
         np.testing.assert_array_equal(full, np.concatenate([a, b]))  # any split, same stream
     source, index, draw = whole
     assert (index >= 0).all() and (index < sampler.num_documents[source]).all()

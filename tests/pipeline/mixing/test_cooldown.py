@@ -1,3 +1,5 @@
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -47,7 +49,7 @@ def test_linear_and_cosine_ramps_reach_tau_end():
     assert linear.tau_at(1.0) == pytest.approx(1.0) and cosine.tau_at(1.0) == pytest.approx(1.0)
     # The rare source's share falls monotonically over the ramp.
     shares = [linear.plan(SIZES, p).prob("kab") for p in np.linspace(0, 1, 21)]
-    assert all(a >= b - 1e-12 for a, b in zip(shares, shares[1:]))
+    assert all(a >= b - 1e-12 for a, b in pairwise(shares))
 
 
 def test_composes_inside_compose():
