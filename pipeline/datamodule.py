@@ -177,6 +177,26 @@ def select_sources(corpus, kinds: Sequence[str] = ("mono", "parallel"),
     return chosen
 
 
+class MixtureDataLoader(DataLoader):
+    """A DataLoader whose position is the trainer's optimizer step.
+
+    It implements Lightning's stateful-loader protocol, so Lightning stores its state in
+    the checkpoint and knows a mid-epoch resume is exact. The state itself is the
+    sampler's at `consumed_steps()`: prefetched batches are not counted as consumed.
+    """
+
+    def __init__(self, *args, sampler_state, load_sampler_state, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sampler_state = sampler_state
+        self._load_sampler_state = load_sampler_state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self._sampler_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._load_sampler_state(state)
+
+
 class MixtureDataModule(LightningDataModule):
     """Args:
         corpus: a `PreparedCorpus`; tokenizer: a `Tokenizer`.
@@ -208,12 +228,23 @@ class MixtureDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._world()
         trainer = getattr(self, "trainer", None)
-        start = trainer.global_step if trainer is not None else self.start_step
+        # Read at every iter(): a resumed or second epoch continues at the optimizer step.
+        start = (lambda: trainer.global_step) if trainer is not None else self.start_step
         batches = RankBatchSampler(self.sampler, rank, world, self.micro_batch_size, start_step=start)
+        if trainer is not None and trainer.accumulate_grad_batches != batches.accumulation:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} but the global "
+                f"batch {self.sampler.global_batch_size} over {world} rank(s) in micro-batches of "
+                f"{self.micro_batch_size} needs {batches.accumulation}; one optimizer step must "
+                "consume exactly one global batch"
+            )
         log.info("train stream: rank %d/%d from step %d, %d micro-batches per step",
-                 rank, world, start, batches.accumulation)
-        return DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate,
-                          num_workers=self.num_workers, persistent_workers=False)
+                 rank, world, batches.steps().start, batches.accumulation)
+        return MixtureDataLoader(
+            self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
+            sampler_state=lambda: self.sampler.state_dict(self.consumed_steps()),
+            load_sampler_state=self.load_state_dict,
+        )
 
     def consumed_steps(self) -> int:
         trainer = getattr(self, "trainer", None)

@@ -17,7 +17,7 @@ the next step; per-source cursors and epochs are recomputed from it in milliseco
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,10 +199,16 @@ class MixtureSampler:
 
 
 class RankBatchSampler:
-    """A DataLoader `batch_sampler` yielding one rank's micro-batches from `start_step`.
+    """A DataLoader `batch_sampler` yielding one rank's micro-batches of the global stream.
 
-    Each item is a list of (source_id, example_index, global_step) triples. Batches are made in the main
-    process, so `num_workers` only changes who loads rows, never which rows.
+    Each item is a list of (source_id, example_index, global_step) triples. Batches are
+    made in the main process, so `num_workers` only changes who loads rows, never which.
+
+    One pass (a Lightning "epoch") is the planned run: `len()` is always
+    total_steps * micro-batches per step, and each `iter()` starts at `start_step` (an int,
+    or a callable such as ``lambda: trainer.global_step``, read at every `iter()`) and runs
+    to the end of the pass that step falls in. Lightning counts a resumed epoch's batches
+    from the checkpoint, so reporting the full pass keeps its bookkeeping aligned.
 
     Args:
         sampler: the global stream.
@@ -210,11 +216,11 @@ class RankBatchSampler:
         micro_batch_size: examples per forward pass on this rank; the rank's share of a
             global batch is split into global / (world_size * micro) micro-batches.
         start_step: first global step to yield (the resume point).
-        num_steps: global steps to yield (default: up to the planned total).
+        num_steps: yield exactly this many global steps instead of the rest of the pass.
     """
 
     def __init__(self, sampler: MixtureSampler, rank: int = 0, world_size: int = 1,
-                 micro_batch_size: int | None = None, start_step: int = 0,
+                 micro_batch_size: int | None = None, start_step: int | Callable[[], int] = 0,
                  num_steps: int | None = None):
         self.sampler = sampler
         self.rank, self.world_size = int(rank), int(world_size)
@@ -226,15 +232,24 @@ class RankBatchSampler:
                 f"{world_size}) is not divisible by micro_batch_size {micro_batch_size}"
             )
         self.accumulation = per_rank // self.micro_batch_size
-        self.start_step = int(start_step)
-        self.num_steps = (sampler.total_steps - self.start_step) if num_steps is None else int(num_steps)
+        self.start_step = start_step
+        self.num_steps = num_steps
+
+    def steps(self) -> range:
+        """Global steps the next `iter()` yields."""
+        start = int(self.start_step() if callable(self.start_step) else self.start_step)
+        if self.num_steps is not None:
+            return range(start, start + int(self.num_steps))
+        total = self.sampler.total_steps
+        return range(start, (start // total + 1) * total)
 
     def __len__(self) -> int:
-        return max(0, self.num_steps) * self.accumulation
+        steps = self.sampler.total_steps if self.num_steps is None else int(self.num_steps)
+        return steps * self.accumulation
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        for step in range(self.start_step, self.start_step + self.num_steps):
+        for step in self.steps():
             batch = self.sampler.rank_slice(step, self.rank, self.world_size)
-            pairs = [(s, i, step) for s, i in zip(batch.source.tolist(), batch.index.tolist(), strict=True)]
+            triples = [(s, i, step) for s, i in zip(batch.source.tolist(), batch.index.tolist(), strict=True)]
             for micro in range(self.accumulation):
-                yield pairs[micro * self.micro_batch_size:(micro + 1) * self.micro_batch_size]
+                yield triples[micro * self.micro_batch_size:(micro + 1) * self.micro_batch_size]
