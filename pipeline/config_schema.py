@@ -51,6 +51,13 @@ class MixtureSchema:
 
 
 @dataclass
+class ValidationSchema:
+    documents_per_source: int = 32
+    max_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
 class ReportSchema:
     max_epochs: float = 10.0
 
@@ -67,6 +74,7 @@ class RootSchema:
     run: RunSchema = field(default_factory=RunSchema)
     sources: SourcesSchema = field(default_factory=SourcesSchema)
     loader: LoaderSchema = field(default_factory=LoaderSchema)
+    validation: ValidationSchema = field(default_factory=ValidationSchema)
     report: ReportSchema = field(default_factory=ReportSchema)
 
 

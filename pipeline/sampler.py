@@ -247,9 +247,24 @@ class RankBatchSampler:
         steps = self.sampler.total_steps if self.num_steps is None else int(self.num_steps)
         return steps * self.accumulation
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[MicroBatch]:
         for step in self.steps():
             batch = self.sampler.rank_slice(step, self.rank, self.world_size)
             triples = [(s, i, step) for s, i in zip(batch.source.tolist(), batch.index.tolist(), strict=True)]
             for micro in range(self.accumulation):
-                yield triples[micro * self.micro_batch_size:(micro + 1) * self.micro_batch_size]
+                size = self.micro_batch_size
+                yield MicroBatch(triples[micro * size:(micro + 1) * size],
+                                 step_items=triples if micro == 0 else None)
+
+
+class MicroBatch(list):
+    """A list of (source, index, step) triples; the first micro-batch of each step also
+    carries the rank's whole step slice (`step_items`), so the loss normaliser of the step
+    is known before its first backward pass."""
+
+    def __init__(self, items, step_items=None):
+        super().__init__(items)
+        self.step_items = step_items
+
+    def __reduce__(self):  # pickled to dataloader workers with its step slice
+        return (MicroBatch, (list(self), self.step_items))

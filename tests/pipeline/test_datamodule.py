@@ -2,25 +2,26 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datamodule import (
+from pipeline.datamodule import MixtureDataModule, datamodule_from_config, select_sources
+from pipeline.examples import (
     IGNORE_INDEX,
+    PADDING_STEP,
     MixtureCollator,
-    MixtureDataModule,
     MixtureDataset,
-    datamodule_from_config,
-    select_sources,
+    num_targets,
 )
 from pipeline.mixing import Compose, Cooldown, Upweight
 from pipeline.sampler import MixtureSampler
+from pipeline.split import SourceSplit
 
 
 def _module(demo_data, kinds=("mono",), stage=None, pack=False, workers=0, micro=8):
     _, corpus, tokenizer = demo_data
     names = select_sources(corpus, kinds)
+    split = SourceSplit({n: corpus.num_documents(n) for n in names}, val_documents=4)
     sampler = MixtureSampler(stage or Compose([Cooldown(5, 1, 0.5), Upweight()]),
-                             {n: corpus.num_documents(n) for n in names}, global_batch_size=16,
-                             total_steps=10, seed=3)
-    return MixtureDataModule(corpus, tokenizer, sampler, micro_batch_size=micro, max_length=48,
+                             split.train, global_batch_size=16, total_steps=10, seed=3)
+    return MixtureDataModule(corpus, tokenizer, sampler, split, micro_batch_size=micro, max_length=48,
                              pack=pack, num_workers=workers)
 
 
@@ -53,21 +54,24 @@ def test_rows_match_the_sampler_and_the_source_text(demo_data):
     expected = module.sampler.rank_slice(0, 0, 1)
     assert batch["source_ids"].tolist() == expected.source[:8].tolist()
     name = module.sources[int(expected.source[0])]
-    text = corpus.dataset(name)[int(expected.index[0])]["text"]
+    row = int(module.split.train_rows(name, [int(expected.index[0])])[0])
+    text = corpus.dataset(name)[row]["text"]
     ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
     assert ids[0] == tokenizer.bos_id and tokenizer.decode(ids[1:]) == text[: len(tokenizer.decode(ids[1:]))]
 
 
 def test_translation_rows_train_only_the_target_side(demo_data):
     _, corpus, tokenizer = demo_data
-    dataset = MixtureDataset(corpus, tokenizer, ["deu-eng"], max_length=64, direction="to_eng")
+    split = SourceSplit({"deu-eng": corpus.num_documents("deu-eng")})
+    dataset = MixtureDataset(corpus, tokenizer, ["deu-eng"], split, max_length=64, direction="to_eng")
     example = dataset[(0, 5, 0)]
-    row = corpus.dataset("deu-eng")[5]
+    row = corpus.dataset("deu-eng")[int(split.train_rows("deu-eng", [5])[0])]
     ids = example["ids"]
     assert ids[0] == tokenizer.lang_tag_id("eng")
     target = ids[example["target_from"]:-1]
     assert tokenizer.decode(target) == row["tgt"]
-    reverse = MixtureDataset(corpus, tokenizer, ["deu-eng"], max_length=64, direction="from_eng")[(0, 5, 0)]
+    reverse = MixtureDataset(corpus, tokenizer, ["deu-eng"], split, max_length=64,
+                             direction="from_eng")[(0, 5, 0)]
     assert reverse["ids"][0] == tokenizer.lang_tag_id("deu")
 
 
@@ -116,9 +120,46 @@ def test_from_config_selects_sources(demo_data):
 
 def test_collator_caps_rows_at_max_length(demo_data):
     _, corpus, tokenizer = demo_data
-    sampler = MixtureSampler(Compose([Cooldown()]), {"eng": corpus.num_documents("eng")}, 4, 2)
-    collate = MixtureCollator(sampler, tokenizer.pad_id, max_length=8)
+    collate = MixtureCollator(lambda step: [1.0], tokenizer.pad_id, max_length=8)
     long = {"ids": list(range(4, 30)), "target_from": 1, "source_id": 0, "step": 0}
     batch = collate([long])
     assert batch["input_ids"].shape == (1, 8)
     assert batch["labels"][0].tolist() == list(range(5, 13))
+
+
+def test_split_is_disjoint_complete_and_deterministic():
+    split = SourceSplit({"a": 1000, "b": 24, "c": 1}, val_documents=32, val_fraction=0.1, seed=5)
+    assert split.val == {"a": 32, "b": 2, "c": 0} and split.train == {"a": 968, "b": 22, "c": 1}
+    for name, total in split.total.items():
+        rows = set(split.val_rows(name).tolist()) | set(split.train_rows(name, range(split.train[name])).tolist())
+        assert rows == set(range(total))
+        assert not set(split.val_rows(name).tolist()) & set(split.train_rows(name, range(split.train[name])).tolist())
+    again = SourceSplit({"a": 1000, "b": 24, "c": 1}, val_documents=32, seed=5)
+    assert again.val_rows("a").tolist() == split.val_rows("a").tolist()
+    with pytest.raises(ValueError, match="out of range for source 'b'"):
+        split.train_rows("b", [22])
+
+
+def test_first_micro_batch_carries_the_step_target_count(demo_data):
+    module = _module(demo_data, micro=4)  # 4 micro-batches per step
+    loader = iter(module.train_dataloader())
+    micro = [next(loader) for _ in range(4)]
+    assert int(micro[0]["step_target_tokens"]) == sum(int(b["num_target_tokens"]) for b in micro)
+    assert all(int(b["step_target_tokens"]) == -1 for b in micro[1:])
+
+
+def test_validation_is_sharded_in_lock_step(demo_data):
+    module = _module(demo_data, micro=5)
+    shards = [module.val_items(rank, 3) for rank in range(3)]
+    assert len({len(s) for s in shards}) == 1 and len({sum(map(len, s)) for s in shards}) == 1
+    real = [t for s in shards for b in s for t in b if t[2] != PADDING_STEP]
+    assert len(real) == len(set(real)) == sum(module.split.val.values())
+    batch = next(iter(module.val_dataloader()))
+    assert (batch["token_weights"][batch["labels"] != IGNORE_INDEX] == 1).all()
+
+
+def test_num_targets_matches_the_collator(demo_data):
+    module = _module(demo_data)
+    examples = module.train_set.build([(0, i, 0) for i in range(6)])
+    batch = module.collate(examples)
+    assert int(batch["num_target_tokens"]) == sum(num_targets(e, module.max_length) for e in examples)

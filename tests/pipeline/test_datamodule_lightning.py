@@ -5,9 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.datamodule import IGNORE_INDEX, MixtureDataModule, select_sources
+from pipeline.datamodule import MixtureDataModule, select_sources
+from pipeline.examples import IGNORE_INDEX
 from pipeline.mixing import Compose, Cooldown, Upweight
 from pipeline.sampler import MixtureSampler
+from pipeline.split import SourceSplit
 
 
 class TinyLM(pl.LightningModule):
@@ -26,6 +28,9 @@ class TinyLM(pl.LightningModule):
                                  ignore_index=IGNORE_INDEX, reduction="none")
         return (losses * batch["token_weights"].flatten()).sum() / batch["num_target_tokens"].clamp(min=1)
 
+    def validation_step(self, batch, batch_idx):
+        pass
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
@@ -33,10 +38,10 @@ class TinyLM(pl.LightningModule):
 def _datamodule(demo_data, total_steps=6):
     _, corpus, tokenizer = demo_data
     names = select_sources(corpus, ["mono"])
-    sampler = MixtureSampler(Compose([Cooldown(5, 1, 0.5), Upweight()]),
-                             {n: corpus.num_documents(n) for n in names}, global_batch_size=8,
-                             total_steps=total_steps, seed=11)
-    return MixtureDataModule(corpus, tokenizer, sampler, micro_batch_size=4, max_length=24)
+    split = SourceSplit({n: corpus.num_documents(n) for n in names}, val_documents=2)
+    sampler = MixtureSampler(Compose([Cooldown(5, 1, 0.5), Upweight()]), split.train,
+                             global_batch_size=8, total_steps=total_steps, seed=11)
+    return MixtureDataModule(corpus, tokenizer, sampler, split, micro_batch_size=4, max_length=24)
 
 
 def _trainer(tmp_path, max_steps, accumulate=2):

@@ -1,0 +1,200 @@
+"""Rows from prepared sources: token ids, targets, per-token loss weights and source ids.
+
+Mono rows are ``<bos> text <eos>`` and every next token is a target. Parallel rows are
+decoder-only translation, ``<2tgt> source-text <eos> target-text <eos>``, with targets
+only on the target side (GNMT's target-language tag).
+
+Items are (source_id, example_index, step) triples from the sampler. `step >= 0` weights
+targets by the plan's loss weight at that step; `VALIDATION_STEP` weights them 1;
+`PADDING_STEP` marks filler rows (no targets) that keep ranks in lock-step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.split import SourceSplit
+
+IGNORE_INDEX = -100
+DIRECTIONS = ("both", "to_eng", "from_eng")
+VALIDATION_STEP = -1
+PADDING_STEP = -2
+
+
+def num_targets(example: dict[str, Any], max_length: int) -> int:
+    """Target tokens the collator will keep for an example (inputs are truncated to max_length)."""
+    kept = min(len(example["ids"]) - 1, max_length)
+    return max(0, kept - example["target_from"] + 1)
+
+
+class MixtureDataset(Dataset):
+    """Map-style dataset over (source_id, example_index, step) triples.
+
+    Args:
+        corpus, tokenizer: a `PreparedCorpus` and its `Tokenizer`.
+        sources: source names; a triple's source_id indexes this list.
+        split: the per-source train/validation split; `part` picks the side.
+        max_length: tokens per row (after the input/target shift).
+        direction: translation direction: both (by example parity), to_eng, from_eng.
+    """
+
+    def __init__(self, corpus, tokenizer, sources: Sequence[str], split: SourceSplit,
+                 part: str = "train", max_length: int = 128, direction: str = "both"):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"translation direction must be one of {DIRECTIONS}, got {direction!r}")
+        if part not in ("train", "val"):
+            raise ValueError(f"part must be 'train' or 'val', got {part!r}")
+        if max_length < 4:
+            raise ValueError(f"max_length must be >= 4 tokens, got {max_length}")
+        self.corpus, self.tokenizer, self.split = corpus, tokenizer, split
+        self.sources = list(sources)
+        self.part = part
+        self.max_length = int(max_length)
+        self.direction = direction
+
+    def rows(self, name: str, indices: Sequence[int]):
+        if self.part == "train":
+            return self.split.train_rows(name, indices)
+        return self.split.val_rows(name, indices)
+
+    def build(self, items: Sequence[tuple[int, int, int]]) -> list[dict[str, Any]]:
+        """Examples for the items, reading each source's rows with one batched Arrow take."""
+        examples: list[dict[str, Any] | None] = [None] * len(items)
+        by_source: dict[int, list[int]] = {}
+        for position, (source_id, _, _) in enumerate(items):
+            by_source.setdefault(source_id, []).append(position)
+        for source_id, positions in by_source.items():
+            name = self.sources[source_id]
+            indices = [int(items[p][1]) for p in positions]
+            rows = self.corpus.dataset(name)[self.rows(name, indices).tolist()]
+            if self.corpus.kind(name) == "parallel":
+                info = self.corpus.source_info(name)
+                made = self._translation(rows["src"], rows["tgt"], info["src_lang"], info["tgt_lang"], indices)
+            else:
+                made = self._language_model(rows["text"])
+            for p, example in zip(positions, made, strict=True):
+                example.update(source_id=source_id, index=int(items[p][1]), step=int(items[p][2]))
+                examples[p] = example
+        return examples  # type: ignore[return-value]
+
+    def __getitems__(self, items) -> list[dict[str, Any]]:
+        examples = self.build(items)
+        step_items = getattr(items, "step_items", None)
+        if step_items is not None and examples:
+            # First micro-batch of a step: count the targets of the rank's whole step.
+            others = self.build(step_items[len(items):])
+            examples[0]["step_target_tokens"] = sum(
+                num_targets(e, self.max_length) for e in examples + others if e["step"] != PADDING_STEP
+            )
+        return examples
+
+    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
+        return self.build([item])[0]
+
+    def __len__(self) -> int:
+        table = self.split.train if self.part == "train" else self.split.val
+        return sum(table[name] for name in self.sources)
+
+    def _language_model(self, texts: list[str]) -> list[dict[str, Any]]:
+        tok = self.tokenizer
+        return [{"ids": [tok.bos_id, *ids[: self.max_length - 1], tok.eos_id], "target_from": 1}
+                for ids in tok.encode(list(texts))]
+
+    def _translation(self, sources: list[str], targets: list[str], src_lang: str, tgt_lang: str,
+                     indices: list[int]) -> list[dict[str, Any]]:
+        tok = self.tokenizer
+        out = []
+        for a, b, index in zip(tok.encode(list(sources)), tok.encode(list(targets)), indices, strict=True):
+            # Direction per example is fixed by its index, so reruns see the same task.
+            reverse = self.direction == "from_eng" or (self.direction == "both" and index % 2 == 1)
+            (x, _), (y, y_lang) = ((b, tgt_lang), (a, src_lang)) if reverse else ((a, src_lang), (b, tgt_lang))
+            budget = self.max_length - 2
+            x = x[: max(1, budget // 2)]
+            y = y[: max(1, budget - len(x) - 1)]
+            ids = [tok.lang_tag_id(y_lang), *x, tok.eos_id, *y, tok.eos_id]
+            out.append({"ids": ids, "target_from": len(x) + 2, "prompt_length": len(x) + 2,
+                        "target_language": y_lang})
+        return out
+
+
+class MixtureCollator:
+    """Pads (or packs) examples into tensors and attaches per-token loss weights.
+
+    Args:
+        loss_weights: callable step -> (S,) loss weights of the plan at that step.
+    """
+
+    def __init__(self, loss_weights, pad_id: int, max_length: int, pack: bool = False):
+        self.loss_weights, self.pad_id, self.max_length, self.pack = loss_weights, pad_id, max_length, pack
+
+    def _weight(self, example: dict[str, Any], cache: dict[int, Any]) -> float:
+        step = example["step"]
+        if step == PADDING_STEP:
+            return 0.0
+        if step == VALIDATION_STEP:
+            return 1.0
+        if step not in cache:
+            cache[step] = self.loss_weights(step)
+        return float(cache[step][example["source_id"]])
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        cache: dict[int, Any] = {}
+        rows = self._packed_rows(examples) if self.pack else [[e] for e in examples]
+        longest = max(len(e["ids"]) for e in examples) - 1
+        length = self.max_length if self.pack else min(self.max_length, longest)
+        batch = len(rows)
+        input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        token_weights = torch.zeros(batch, length)
+        token_sources = torch.full((batch, length), -1, dtype=torch.long)
+        document_ids = torch.full((batch, length), -1, dtype=torch.long)
+        for r, row in enumerate(rows):
+            cursor = 0
+            for d, example in enumerate(row):
+                ids = example["ids"]
+                n = min(len(ids) - 1, length - cursor)
+                if n <= 0:
+                    break
+                span = slice(cursor, cursor + n)
+                input_ids[r, span] = torch.tensor(ids[:n])
+                is_target = torch.arange(1, n + 1) >= example["target_from"]
+                if example["step"] == PADDING_STEP:
+                    is_target[:] = False
+                labels[r, span] = torch.where(is_target, torch.tensor(ids[1:n + 1]), IGNORE_INDEX)
+                token_weights[r, span] = is_target.float() * self._weight(example, cache)
+                token_sources[r, span] = example["source_id"]
+                document_ids[r, span] = d
+                cursor += n
+        step_targets = examples[0].get("step_target_tokens", -1)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "token_weights": token_weights,
+            "token_source_ids": token_sources,
+            "document_ids": document_ids,
+            "attention_mask": (document_ids >= 0).long(),
+            "source_ids": torch.tensor([row[0]["source_id"] for row in rows]),
+            "step": torch.tensor([row[0]["step"] for row in rows]),
+            "num_target_tokens": (labels != IGNORE_INDEX).sum(),
+            # The rank's targets over the whole step on its first micro-batch, else -1.
+            "step_target_tokens": torch.tensor(step_targets),
+        }
+
+    def _packed_rows(self, examples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """First-fit packing of whole examples into rows of max_length input tokens."""
+        rows: list[list[dict[str, Any]]] = []
+        free: list[int] = []
+        for example in sorted(examples, key=lambda e: -len(e["ids"])):
+            need = min(len(example["ids"]) - 1, self.max_length)
+            slot = next((i for i, space in enumerate(free) if space >= need), None)
+            if slot is None:
+                rows.append([example])
+                free.append(self.max_length - need)
+            else:
+                rows[slot].append(example)
+                free[slot] -= need
+        return rows
