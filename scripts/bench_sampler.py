@@ -1,0 +1,631 @@
+#!/usr/bin/env python
+"""Benchmark: our mixture sampler against Hugging Face ``datasets.interleave_datasets``.
+
+One run, the same long-tailed sources, the same temperature-sampling probabilities
+(p_i proportional to n_i^(1/tau), from ``pipeline.mixing.Temperature``) for everything:
+
+ours (``pipeline.sampler``), both ``mode="exact"`` and ``mode="stochastic"``:
+  * index generation: ``MixtureSampler.positions(start, stop)`` in big chunks (samples/s);
+  * end-to-end mixed-example throughput: ``RankBatchSampler`` micro-batches, rows read from
+    Arrow with one batched ``dataset[list_of_indices]`` per source and micro-batch, as
+    ``pipeline.examples.MixtureDataset.build`` does, but the raw ``text`` column,
+    untokenised (the baselines do not tokenise either), and without its ``SourceSplit``
+    train/validation row mapping (examples/s);
+  * resume latency: ``draw_counts(step) + global_batch(step)`` on a freshly built sampler
+    at step 10^6 and other positions (ms), the sampler build timed separately.
+
+baselines, ``interleave_datasets(probabilities=p, seed=seed, stopping_strategy="all_exhausted")``:
+  * map-style (``Dataset`` per source): the interleave call (= index build), then rows
+    iterated one by one (and, for reference, in batches of the micro-batch size);
+  * iterable (``.to_iterable_dataset()`` per source): rows iterated one by one;
+  * iterable resume: ``state_dict()`` after K consumed examples, a fresh interleaved
+    dataset, ``load_state_dict(state)``, time until the first example arrives.
+
+Every measurement is repeated ``--repeats`` times and summarised by its median. The table
+ends with the ratios ours / baseline and PASS / MISS per goal. ``--json PATH`` writes every
+number. Progress goes to stderr, the table to stdout.
+
+    .venv/bin/python scripts/bench_sampler.py                      # full run (~2-3 min, 2 cores)
+    .venv/bin/python scripts/bench_sampler.py --quick --json /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+log = logging.getLogger("bench_sampler")
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "tatoeba" / "mono"
+DEFAULT_CACHE = REPO / ".cache" / "mixpipe"
+MIN_SOURCES = 50
+
+# The issue's goals.
+GOAL_VS_ITERABLE = 20.0  # end-to-end throughput, ours / iterable interleave
+GOAL_VS_MAP = 5.0  # end-to-end throughput, ours / map-style interleave (rows, build excluded)
+GOAL_INDEX_RATE = 1e6  # samples/s of index generation
+GOAL_RESUME_MS = 100.0  # resume latency at any position
+
+
+# -- measurements ---------------------------------------------------------------------------
+@dataclass
+class Measure:
+    """One measured quantity: every repeat's value, summarised by the median."""
+
+    key: str
+    label: str
+    unit: str
+    samples: list[float] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return float(statistics.median(self.samples)) if self.samples else float("nan")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"label": self.label, "unit": self.unit, "median": self.median,
+                "samples": [float(s) for s in self.samples], "note": self.note}
+
+
+class Results:
+    def __init__(self) -> None:
+        self.measures: dict[str, Measure] = {}
+        self.info: dict[str, Any] = {}
+
+    def add(self, key: str, label: str, unit: str, note: str = "") -> Measure:
+        self.measures[key] = Measure(key, label, unit, note=note)
+        return self.measures[key]
+
+    def __getitem__(self, key: str) -> Measure:
+        return self.measures[key]
+
+    def median(self, key: str) -> float:
+        return self.measures[key].median
+
+
+def fmt(value: float, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if unit in ("ms", "s"):
+        return f"{value:,.1f}" if value >= 10 else f"{value:,.2f}" if value >= 1 else f"{value:.3f}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+# -- data -----------------------------------------------------------------------------------
+def count_lines(path: Path) -> int:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def choose_sources(sizes: dict[str, int], number: int | None) -> list[str]:
+    """All sources, or `number` of them evenly spread over the size ranking (largest and
+    smallest always included), so a subset keeps the long tail."""
+    names = sorted(sizes, key=lambda n: (sizes[n], n))
+    if number is None or number >= len(names):
+        return sorted(names)
+    if number < 2:
+        raise SystemExit("--num-sources must be >= 2")
+    picks = np.round(np.linspace(0, len(names) - 1, number)).astype(int)
+    return sorted(names[i] for i in np.unique(picks))
+
+
+def write_synthetic(folder: Path, num_sources: int, smallest: int, largest: int, seed: int) -> None:
+    """Long-tailed text files: log-normal sizes rescaled to [smallest, largest]."""
+    rng = np.random.default_rng(seed)
+    logs = np.sort(rng.normal(0.0, 1.0, num_sources))
+    logs = (logs - logs.min()) / (logs.max() - logs.min())
+    sizes = np.round(np.exp(np.log(smallest) + logs * (np.log(largest) - np.log(smallest))))
+    alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz     "))
+    for i, size in enumerate(sizes.astype(int)):
+        letters = alphabet[rng.integers(0, len(alphabet), size=(size, 48))]
+        lines = [f"s{i:03d} {j} " + "".join(row).strip() + "\n" for j, row in enumerate(letters)]
+        (folder / f"s{i:03d}.txt").write_text("".join(lines), encoding="utf-8")
+
+
+def load_corpus(args: argparse.Namespace):
+    """(corpus, source names, description) of the benchmark's sources, prepared and cached."""
+    from data_recipes.text_dir import TextDir
+    from pipeline.sources import prepare_sources
+
+    data = Path(args.data)
+    files = sorted(data.glob("*.txt")) if data.is_dir() else []
+    synthetic_dir = None
+    if files:
+        sizes = {p.stem: count_lines(p) for p in files}
+        names = choose_sources(sizes, args.num_sources or (MIN_SOURCES if args.quick else None))
+        recipe = TextDir(data, languages=None if len(names) == len(sizes) else names,
+                         max_documents_per_source=args.max_docs_per_source)
+        origin = f"real data: TextDir({data})"
+    else:
+        synthetic_dir = Path(tempfile.mkdtemp(prefix="bench_sampler_synthetic_"))
+        count = args.num_sources or 60
+        largest = 2_000 if args.quick else 30_000
+        write_synthetic(synthetic_dir, count, smallest=largest // 100, largest=largest, seed=1234)
+        recipe = TextDir(synthetic_dir, max_documents_per_source=args.max_docs_per_source,
+                         name="synthetic_longtail")
+        names = None
+        origin = (f"SYNTHETIC long-tailed corpus ({count} sources, log-normal sizes, "
+                  f"largest/smallest = 100): {data} not found")
+        log.warning("%s does not exist or has no *.txt files: using a synthetic corpus", data)
+    try:
+        corpus = prepare_sources(recipe, args.cache_dir, progress=False)
+    finally:
+        if synthetic_dir is not None:
+            shutil.rmtree(synthetic_dir, ignore_errors=True)
+    names = sorted(names or corpus.source_names)
+    if args.max_docs_per_source:
+        origin += f", first {args.max_docs_per_source} documents per source"
+    return corpus, names, origin
+
+
+# -- ours -----------------------------------------------------------------------------------
+def fetch_texts(micro: list[tuple[int, int, int]], dsets: list) -> list[str]:
+    """MixtureDataset.build without tokenising or split mapping: one batched Arrow take per source."""
+    texts: list[Any] = [None] * len(micro)
+    by_source: dict[int, list[int]] = {}
+    for position, (source_id, _, _) in enumerate(micro):
+        by_source.setdefault(source_id, []).append(position)
+    for source_id, positions in by_source.items():
+        rows = dsets[source_id][[int(micro[p][1]) for p in positions]]["text"]
+        for p, text in zip(positions, rows, strict=True):
+            texts[p] = text
+    return texts
+
+
+def run_ours_e2e(sampler, dsets: list, micro_batch: int, examples: int) -> tuple[float, float, float, np.ndarray]:
+    """One pass: (examples/s, seconds in the batch sampler, seconds reading rows, sources)."""
+    from pipeline.sampler import RankBatchSampler
+
+    steps = max(1, math.ceil(examples / sampler.global_batch_size))
+    batches = iter(RankBatchSampler(sampler, 0, 1, micro_batch, start_step=0, num_steps=steps))
+    in_sampler = in_read = 0.0
+    count = 0
+    sources = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        micro = next(batches, None)
+        t1 = time.perf_counter()
+        in_sampler += t1 - t0
+        if micro is None:
+            break
+        texts = fetch_texts(micro, dsets)
+        in_read += time.perf_counter() - t1
+        count += len(texts)
+        sources.append([s for s, _, _ in micro])
+    elapsed = time.perf_counter() - start
+    return count / elapsed, in_sampler, in_read, np.concatenate(sources)
+
+
+def bench_ours(args, res: Results, stage, docs: dict[str, int], dsets: list, probs: np.ndarray) -> None:
+    from pipeline.sampler import MixtureSampler
+
+    def build(mode: str) -> MixtureSampler:
+        return MixtureSampler(stage, docs, args.global_batch, args.total_steps, seed=args.seed, mode=mode)
+
+    rng = np.random.default_rng(args.seed)
+    resume_steps = [args.resume_step, *sorted(int(s) for s in rng.integers(0, args.total_steps, 3)),
+                    10 * args.total_steps]
+    res.info["resume_steps"] = resume_steps
+    for mode in args.modes:
+        # (a) index generation in big chunks.
+        sampler = build(mode)
+        assert np.allclose(sampler.plan_at(0).sample_probs, probs), "sampler and baseline probs differ"
+        m = res.add(f"ours_{mode}_index_rate", f"ours {mode}: index generation, positions() in "
+                    f"{args.index_chunk:,} chunks", "samples/s")
+        for r in range(args.repeats):
+            start = r * args.index_chunk
+            t0 = time.perf_counter()
+            sampler.positions(start, start + args.index_chunk)
+            m.samples.append(args.index_chunk / (time.perf_counter() - t0))
+        log.info("ours %s: index generation %s samples/s", mode, fmt(m.median))
+
+        # (b) end-to-end: micro-batches from RankBatchSampler + batched Arrow reads.
+        m = res.add(f"ours_{mode}_e2e", f"ours {mode}: RankBatchSampler + batched Arrow reads "
+                    f"(global {args.global_batch}, micro {args.micro_batch})", "examples/s")
+        share = res.add(f"ours_{mode}_e2e_sampler_share", f"ours {mode}: share of e2e time in "
+                        "RankBatchSampler (rest: Arrow reads)", "%")
+        for _ in range(args.repeats):
+            rate, in_sampler, in_read, sources = run_ours_e2e(sampler, dsets, args.micro_batch, args.examples)
+            m.samples.append(rate)
+            share.samples.append(100.0 * in_sampler / (in_sampler + in_read))
+        freq = np.bincount(sources, minlength=len(probs)) / len(sources)
+        res.info[f"ours_{mode}_tv_distance"] = float(0.5 * np.abs(freq - probs).sum())
+        log.info("ours %s: end-to-end %s examples/s", mode, fmt(m.median))
+
+        # (c) resume: fresh sampler (build timed apart), then draw_counts + global_batch.
+        build_m = res.add(f"ours_{mode}_build_s", f"ours {mode}: build a MixtureSampler "
+                          f"(total_steps {args.total_steps:,})", "s")
+        for step in resume_steps:
+            lat = res.add(f"ours_{mode}_resume_ms@{step}", f"ours {mode}: resume at step {step:,}"
+                          f"{' (past planned end)' if step >= args.total_steps else ''}", "ms")
+            rows = res.add(f"ours_{mode}_resume_rows_ms@{step}", f"ours {mode}: resume at step "
+                           f"{step:,} + first micro-batch rows", "ms") if step == args.resume_step else None
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                fresh = build(mode)
+                t1 = time.perf_counter()
+                fresh.draw_counts(step)
+                batch = fresh.global_batch(step)
+                t2 = time.perf_counter()
+                build_m.samples.append(t1 - t0)
+                lat.samples.append((t2 - t1) * 1e3)
+                if rows is not None:
+                    micro = [(int(s), int(i), step) for s, i in
+                             zip(batch.source[:args.micro_batch], batch.index[:args.micro_batch], strict=True)]
+                    fetch_texts(micro, dsets)
+                    rows.samples.append((time.perf_counter() - t1) * 1e3)
+        worst = max(res.median(f"ours_{mode}_resume_ms@{s}") for s in resume_steps)
+        w = res.add(f"ours_{mode}_resume_worst_ms", f"ours {mode}: resume, worst position (median)", "ms")
+        w.samples.append(worst)
+        log.info("ours %s: resume worst median %.1f ms, build %.3f s", mode, worst, build_m.median)
+
+
+def profile_ours(args, stage, docs: dict[str, int], dsets: list) -> list[tuple[str, float, float]]:
+    """cProfile one end-to-end pass (exact mode): (function, share of total, cumulative s)."""
+    from pipeline.sampler import MixtureSampler
+
+    sampler = MixtureSampler(stage, docs, args.global_batch, args.total_steps, seed=args.seed, mode="exact")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run_ours_e2e(sampler, dsets, args.micro_batch, args.examples)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    total = max(ct for (_, _, _, ct, _) in stats.values())
+    rows = []
+    for (filename, line, name), (_, _, _, ct, _) in stats.items():
+        if "pipeline" in filename or name in ("fetch_texts", "__getitem__"):
+            rows.append((f"{Path(filename).name}:{line}({name})", ct / total, ct))
+    return sorted(rows, key=lambda r: -r[2])[:10]
+
+
+# -- baselines ------------------------------------------------------------------------------
+def bench_baselines(args, res: Results, dsets: list, probs: np.ndarray) -> None:
+    import datasets
+
+    p = [float(x) for x in probs]
+
+    def interleave(parts):
+        return datasets.interleave_datasets(parts, probabilities=p, seed=args.seed,
+                                            stopping_strategy="all_exhausted")
+
+    # Map-style: build (the interleave call computes the index mapping), then iterate.
+    build = res.add("map_build_s", "map-style interleave_datasets: index build", "s")
+    rows = res.add("map_rows", "map-style: rows one by one (build excluded)", "examples/s")
+    rows_incl = res.add("map_rows_incl_build", "map-style: rows one by one (build included)", "examples/s")
+    batched = res.add("map_batched", f"map-style: .iter(batch_size={args.micro_batch}) (build "
+                      "excluded)", "examples/s")
+    map_texts: list[str] = []
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        mixed = interleave(dsets)
+        t1 = time.perf_counter()
+        texts = [ex["text"] for ex in itertools.islice(mixed, args.examples)]
+        t2 = time.perf_counter()
+        build.samples.append(t1 - t0)
+        rows.samples.append(len(texts) / (t2 - t1))
+        rows_incl.samples.append(len(texts) / (t2 - t0))
+        if r == 0:
+            map_texts = texts
+            res.info["interleaved_stream_length"] = len(mixed)
+            res.info["map_tv_distance"] = _map_tv_distance(mixed, dsets, probs, args.examples)
+        t0 = time.perf_counter()
+        count = 0
+        for batch in mixed.iter(batch_size=args.micro_batch):
+            count += len(batch["text"])
+            if count >= args.examples:
+                break
+        batched.samples.append(count / (time.perf_counter() - t0))
+        del mixed
+    log.info("map-style: build %.2f s, rows %s/s, batched %s/s", build.median, fmt(rows.median),
+             fmt(batched.median))
+
+    # Iterable: one IterableDataset per source, interleaved; rows one by one.
+    def build_iterable():
+        return interleave([d.to_iterable_dataset() for d in dsets])
+
+    ibuild = res.add("iterable_build_s", "iterable: to_iterable_dataset() x S + interleave", "s")
+    irows = res.add("iterable_rows", "iterable: rows one by one", "examples/s")
+    start = res.add("iterable_first_ms", "iterable: fresh start, time to first example", "ms")
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        mixed = build_iterable()
+        t1 = time.perf_counter()
+        stream = iter(mixed)
+        first = next(stream)
+        t2 = time.perf_counter()
+        texts = [first["text"], *(ex["text"] for ex in itertools.islice(stream, args.iterable_examples - 1))]
+        t3 = time.perf_counter()
+        stream.close()
+        ibuild.samples.append(t1 - t0)
+        start.samples.append((t2 - t1) * 1e3)
+        irows.samples.append(len(texts) / (t3 - t1))
+        if r == 0:
+            n = min(len(texts), len(map_texts))
+            res.info["iterable_same_stream_as_map"] = texts[:n] == map_texts[:n]
+            res.info["iterable_same_stream_checked"] = n
+    log.info("iterable: build %.2f s, rows %s/s", ibuild.median, fmt(irows.median))
+
+    # Iterable resume: states captured in one pass, then fresh dataset + load_state_dict.
+    positions = sorted(set(args.iterable_resume_at))
+    mixed = build_iterable()
+    states: dict[int, dict] = {}
+    expected: dict[int, dict] = {}
+    consumed = 0
+    t0 = time.perf_counter()
+    stream = iter(mixed)
+    for example in stream:
+        if consumed in states:
+            expected[consumed] = example  # the example a resume from this state must yield first
+        consumed += 1
+        if consumed in positions:
+            states[consumed] = mixed.state_dict()
+        if consumed > positions[-1]:
+            break
+    stream.close()
+    res.info["iterable_resume_replay_s"] = time.perf_counter() - t0
+    exact = True
+    for k in positions:
+        m = res.add(f"iterable_resume_ms@{k}", f"iterable: load_state_dict after {k:,} examples "
+                    "+ first example (build excluded)", "ms")
+        for _ in range(args.repeats):
+            fresh = build_iterable()
+            t0 = time.perf_counter()
+            fresh.load_state_dict(states[k])
+            stream = iter(fresh)
+            example = next(stream)
+            m.samples.append((time.perf_counter() - t0) * 1e3)
+            stream.close()
+            exact &= example == expected[k]
+        log.info("iterable: resume after %d examples %.1f ms", k, m.median)
+    res.info["iterable_resume_exact"] = bool(exact)
+
+
+def _map_tv_distance(mixed, dsets: list, probs: np.ndarray, examples: int) -> float | None:
+    """Total-variation distance of the map-style stream's first rows from probs (via its
+    private index mapping; None if datasets changes it)."""
+    try:
+        offsets = np.cumsum([0] + [len(d) for d in dsets])
+        index = mixed._indices.column(0).slice(0, examples).to_numpy()
+        sources = np.searchsorted(offsets, index, side="right") - 1
+        freq = np.bincount(sources, minlength=len(probs)) / len(sources)
+        return float(0.5 * np.abs(freq - probs).sum())
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+# -- report ---------------------------------------------------------------------------------
+def ratios_and_goals(args, res: Results) -> tuple[list[dict], list[dict]]:
+    ratios, goals = [], []
+
+    def ratio(key, label, num, den, goal=None):
+        value = res.median(num) / res.median(den)
+        entry = {"key": key, "label": label, "value": value, "goal": goal}
+        ratios.append(entry)
+        if goal is not None:
+            goals.append({"key": key, "label": f"{label} >= {goal:g}x", "value": value,
+                          "unit": "x", "target": goal, "pass": bool(value >= goal)})
+
+    for mode in args.modes:
+        e2e = f"ours_{mode}_e2e"
+        ratio(f"{mode}_e2e_vs_iterable", f"ours {mode} e2e / iterable interleave", e2e,
+              "iterable_rows", GOAL_VS_ITERABLE)
+        ratio(f"{mode}_e2e_vs_map", f"ours {mode} e2e / map-style interleave (build excluded)", e2e,
+              "map_rows", GOAL_VS_MAP)
+        ratio(f"{mode}_e2e_vs_map_incl_build", f"ours {mode} e2e / map-style interleave (build "
+              "included)", e2e, "map_rows_incl_build")
+        ratio(f"{mode}_e2e_vs_map_batched", f"ours {mode} e2e / map-style .iter(batch_size)", e2e,
+              "map_batched")
+        last = max(args.iterable_resume_at)
+        ratio(f"{mode}_resume_speedup", f"iterable resume after {last:,} examples / ours {mode} "
+              f"resume at step {args.resume_step:,}", f"iterable_resume_ms@{last}",
+              f"ours_{mode}_resume_ms@{args.resume_step}")
+    for mode in args.modes:
+        value = res.median(f"ours_{mode}_index_rate")
+        goals.append({"key": f"{mode}_index_rate", "label": f"ours {mode} index generation >= 1M "
+                      "samples/s", "value": value, "unit": "samples/s", "target": GOAL_INDEX_RATE,
+                      "pass": bool(value >= GOAL_INDEX_RATE)})
+        value = res.median(f"ours_{mode}_resume_worst_ms")
+        goals.append({"key": f"{mode}_resume", "label": f"ours {mode} resume < 100 ms at every "
+                      "measured position (worst median)", "value": value, "unit": "ms", "target": GOAL_RESUME_MS,
+                      "pass": bool(value < GOAL_RESUME_MS)})
+    return ratios, goals
+
+
+def render(args, res: Results, ratios: list[dict], goals: list[dict],
+           profile: list[tuple[str, float, float]] | None) -> str:
+    info = res.info
+    out = []
+    out.append("Sampler vs datasets.interleave_datasets (scripts/bench_sampler.py)")
+    out.append(f"  sources: {info['num_sources']} ({info['origin']})")
+    out.append(f"  documents per source: min {info['docs_min']:,}, median {info['docs_median']:,}, "
+               f"max {info['docs_max']:,} (largest/smallest {info['docs_max'] / info['docs_min']:.0f})")
+    out.append(f"  tau = {args.tau}: p min {info['p_min']:.4f}, max {info['p_max']:.4f}; seed {args.seed}; "
+               "interleave stopping_strategy='all_exhausted'")
+    out.append(f"  ours: global batch {args.global_batch}, micro-batch {args.micro_batch}, world 1, "
+               f"total_steps {args.total_steps:,}")
+    out.append(f"  examples per pass: ours/map-style {args.examples:,}, iterable "
+               f"{args.iterable_examples:,}; repeats {args.repeats} (medians below)")
+    out.append(f"  {info['python']}, datasets {info['datasets']}, numpy {info['numpy']}, "
+               f"{info['cpus']} CPUs, {info['when']}")
+    width = max(len(m.label) for m in res.measures.values()) + 2
+    out.append("")
+    out.append(f"{'measurement':<{width}}{'median':>14}  unit        (min .. max over repeats)")
+    for m in res.measures.values():
+        spread = f"({fmt(min(m.samples), m.unit)} .. {fmt(max(m.samples), m.unit)})" if len(m.samples) > 1 else ""
+        out.append(f"{m.label:<{width}}{fmt(m.median, m.unit):>14}  {m.unit:<11} {spread}")
+    out.append(f"{'iterable: resume at step ' + format(args.resume_step, ','):<{width}}{'n/a':>14}  ms"
+               "          (no state without replaying the stream; see below)")
+    out.append("")
+    out.append("ratios (medians):")
+    for r in ratios:
+        goal = f"  goal >= {r['goal']:g}x" if r["goal"] is not None else ""
+        out.append(f"  ratio {r['label']}: {r['value']:.2f}x{goal}")
+    out.append("")
+    out.append("goals:")
+    for g in goals:
+        value = f"{g['value']:.2f}x" if g["unit"] == "x" else f"{fmt(g['value'], g['unit'])} {g['unit']}"
+        out.append(f"  {'PASS' if g['pass'] else 'MISS'}  {g['label']}: {value}")
+    out.append("")
+    out.append("checks and notes:")
+    out.append(f"  same mixture: total-variation distance of the first {args.examples:,} sources from p: "
+               + ", ".join(f"ours {mode} {info[f'ours_{mode}_tv_distance']:.4f}" for mode in args.modes)
+               + (f", map-style {info['map_tv_distance']:.4f}" if info.get("map_tv_distance") is not None else ""))
+    out.append(f"  iterable and map-style interleave yield the same stream (first "
+               f"{info['iterable_same_stream_checked']:,} texts): {info['iterable_same_stream_as_map']}")
+    out.append(f"  iterable resume reproduced the uninterrupted stream: {info['iterable_resume_exact']}")
+    length = info["interleaved_stream_length"]
+    position = args.resume_step * args.global_batch
+    rate = res.median("iterable_rows")
+    out.append(f"  iterable resume at step {args.resume_step:,} (= example {position:,}): n/a. "
+               "load_state_dict needs a state_dict taken at that position, i.e. the stream must "
+               f"have been iterated there (~{position / rate / 86400:,.1f} days at {fmt(rate)}/s), "
+               f"and the all_exhausted stream ends after {length:,} examples anyway.")
+    out.append("  ours: the state is the step; draw counts and the batch are recomputed from it "
+               "(build timed separately above).")
+    for mode in args.modes:
+        out.append(f"  ours {mode}: {res.median(f'ours_{mode}_e2e_sampler_share'):.0f}% of end-to-end "
+                   "time is spent in RankBatchSampler (index generation), the rest in Arrow reads")
+    if profile:
+        out.append("")
+        out.append("profile of one end-to-end pass (exact; cumulative time, share of the pass):")
+        for name, share, seconds in profile:
+            out.append(f"  {share * 100:5.1f}%  {seconds:7.3f} s  {name}")
+    if info["num_sources"] < MIN_SOURCES:
+        out.append(f"  WARNING: only {info['num_sources']} sources (< {MIN_SOURCES}).")
+    if "SYNTHETIC" in info["origin"]:
+        out.append("  NOTE: synthetic corpus (real data folder absent); numbers are not comparable "
+                   "with runs on the Tatoeba files.")
+    return "\n".join(out)
+
+
+# -- main -----------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA),
+                        help="folder of <lang>.txt files (falls back to a synthetic corpus if absent)")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="prepare_sources cache root")
+    parser.add_argument("--num-sources", type=int, default=None,
+                        help="sources to use, spread over the size ranking (default: all)")
+    parser.add_argument("--max-docs-per-source", type=int, default=None,
+                        help="cap documents per source (TextDir max_documents_per_source)")
+    parser.add_argument("--tau", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--examples", type=int, default=50_000,
+                        help="examples per pass for ours and the map-style baseline")
+    parser.add_argument("--iterable-examples", type=int, default=10_000,
+                        help="examples per pass for the (slow) iterable baseline")
+    parser.add_argument("--iterable-resume-at", type=int, nargs="+", default=[2_000, 20_000],
+                        help="positions (examples consumed) where the iterable baseline is resumed")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--global-batch", type=int, default=1024)
+    parser.add_argument("--micro-batch", type=int, default=256)
+    parser.add_argument("--total-steps", type=int, default=2_000_000)
+    parser.add_argument("--resume-step", type=int, default=1_000_000)
+    parser.add_argument("--index-chunk", type=int, default=1_000_000,
+                        help="positions per MixtureSampler.positions() call")
+    parser.add_argument("--modes", nargs="+", default=["exact", "stochastic"],
+                        choices=["exact", "stochastic"])
+    parser.add_argument("--profile", action="store_true",
+                        help="also cProfile one end-to-end pass of ours (exact)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes for a smoke test (< 20 s); numbers are not meaningful")
+    parser.add_argument("--json", default=None, help="write every number to this JSON file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.max_docs_per_source = args.max_docs_per_source or 5_000
+        args.examples = min(args.examples, 2_048)
+        args.iterable_examples = min(args.iterable_examples, 300)
+        args.iterable_resume_at = [100, 400]
+        args.repeats = min(args.repeats, 2)
+        args.index_chunk = min(args.index_chunk, 100_000)
+    if args.repeats < 1 or args.examples < 1 or args.iterable_examples < 1:
+        parser.error("--repeats, --examples and --iterable-examples must be >= 1")
+    if args.micro_batch < 1 or args.global_batch % args.micro_batch:
+        parser.error("--global-batch must be a multiple of --micro-batch")
+    if min(args.iterable_resume_at) < 1:
+        parser.error("--iterable-resume-at positions must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import datasets
+
+    from pipeline.mixing import Compose, Temperature
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    started = time.perf_counter()
+
+    corpus, names, origin = load_corpus(args)
+    dsets = [corpus.dataset(n) for n in names]
+    docs = {n: corpus.num_documents(n) for n in names}
+    stage = Compose([Temperature(args.tau)])
+    probs = stage.plan(docs).sample_probs
+    sizes = np.array([docs[n] for n in names])
+
+    res = Results()
+    res.info.update(
+        origin=origin, num_sources=len(names), sources=names,
+        docs_min=int(sizes.min()), docs_median=int(np.median(sizes)), docs_max=int(sizes.max()),
+        p_min=float(probs.min()), p_max=float(probs.max()),
+        python=f"Python {platform.python_version()}", datasets=datasets.__version__,
+        numpy=np.__version__, cpus=os.cpu_count(), when=time.strftime("%Y-%m-%d %H:%M"),
+    )
+    log.info("%d sources (%s); measuring ours", len(names), origin)
+    bench_ours(args, res, stage, docs, dsets, probs)
+    log.info("measuring the interleave_datasets baselines")
+    bench_baselines(args, res, dsets, probs)
+    profile = profile_ours(args, stage, docs, dsets) if args.profile else None
+    ratios, goals = ratios_and_goals(args, res)
+    res.info["wall_s"] = time.perf_counter() - started
+
+    print(render(args, res, ratios, goals, profile))
+    print(f"\n(total wall time {res.info['wall_s']:.0f} s)")
+    if args.json:
+        payload = {
+            "config": {k: v for k, v in vars(args).items() if k != "json"},
+            "info": res.info,
+            "results": {k: m.as_json() for k, m in res.measures.items()},
+            "ratios": {r["key"]: r for r in ratios},
+            "goals": {g["key"]: g for g in goals},
+            "profile": [{"function": n, "share": s, "seconds": c} for n, s, c in profile or []],
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        log.info("wrote %s", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
