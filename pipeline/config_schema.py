@@ -58,6 +58,16 @@ class ValidationSchema:
 
 
 @dataclass
+class CheckpointSchema:
+    every_n_steps: int = 100
+
+
+@dataclass
+class EvaluationSchema:
+    every_n_steps: Optional[int] = None  # noqa: UP045
+
+
+@dataclass
 class ReportSchema:
     max_epochs: float = 10.0
 
@@ -71,6 +81,16 @@ class RootSchema:
     seed: int = 1234
     cache_dir: str = ".cache/mixpipe"
     progress: bool = True
+    experiment_name: Optional[str] = None  # noqa: UP045
+    output_dir: Optional[str] = None  # noqa: UP045
+    ckpt_path: Optional[str] = None  # noqa: UP045
+    model: Any = MISSING
+    loss: Any = MISSING
+    trainer: Any = MISSING
+    strategy: Any = MISSING
+    logger: Any = None
+    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
+    evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
     run: RunSchema = field(default_factory=RunSchema)
     sources: SourcesSchema = field(default_factory=SourcesSchema)
     loader: LoaderSchema = field(default_factory=LoaderSchema)

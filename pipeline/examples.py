@@ -178,6 +178,7 @@ class MixtureCollator:
             "document_ids": document_ids,
             "attention_mask": (document_ids >= 0).long(),
             "source_ids": torch.tensor([row[0]["source_id"] for row in rows]),
+            "example_index": torch.tensor([row[0]["index"] for row in rows]),
             "step": torch.tensor([row[0]["step"] for row in rows]),
             "num_target_tokens": (labels != IGNORE_INDEX).sum(),
             # The rank's targets over the whole step on its first micro-batch, else -1.

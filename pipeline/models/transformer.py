@@ -127,7 +127,7 @@ class DecoderOnlyTransformer(nn.Module):
         else:
             cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         mask = None
-        if document_ids is not None and bool((document_ids.amax(1) > 0).any()):
+        if document_ids is not None and bool((document_ids != 0).any()):
             causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
             same = document_ids[:, :, None] == document_ids[:, None, :]
             # Padding rows (-1) attend to themselves only, so no row is fully masked.
@@ -156,3 +156,27 @@ class DecoderOnlyTransformer(nn.Module):
             generated.append(next_id)
             ids = torch.cat([ids, ids.new_tensor([[next_id]])], dim=1)
         return generated
+
+    @torch.no_grad()
+    def greedy_decode_batch(self, prompts: list[list[int]], eos_id: int, max_new_tokens: int,
+                            pad_id: int) -> list[list[int]]:
+        """Greedy continuations of several prompts, left-padded into one batch.
+
+        Always runs exactly `max_new_tokens` forward passes (rows that emitted eos keep
+        going and are trimmed after), so distributed callers stay in lock-step.
+        """
+        longest = max(len(p) for p in prompts)
+        device = self.embed.weight.device
+        ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
+        docs = torch.full_like(ids, -1)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+            docs[row, longest - len(prompt):] = 0
+        for _ in range(max_new_tokens):
+            next_ids = self.logits(self(ids, docs)[:, -1]).argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_ids], dim=1)
+            docs = torch.cat([docs, torch.zeros_like(next_ids)], dim=1)
+        outputs = []
+        for row in ids[:, longest:].tolist():
+            outputs.append(row[: row.index(eos_id)] if eos_id in row else row)
+        return outputs

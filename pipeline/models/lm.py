@@ -1,0 +1,244 @@
+"""LightningModule for multilingual language modelling and decoder-only translation.
+
+Training objective per optimizer step: sum_i w_i * CE_i / N_global over the global batch
+(`pipeline.losses`). Lightning divides a returned loss by the accumulation steps and data
+parallelism averages gradients over ranks, so each micro-batch returns
+``accumulation * world_size * sum_i w_i CE_i / N_global``: the summed gradient is then
+exactly the gradient of the global objective. Logged ``train/loss`` is the objective itself.
+
+Metrics: per-source validation loss and perplexity, tokens and rows seen per source,
+mixture probabilities and epochs per source (from the sampler), and chrF per target
+language from greedy decoding of held-out translation rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torchmetrics.text import CHRFScore
+
+from pipeline.examples import IGNORE_INDEX
+from pipeline.losses import LossConfig, TokenLossHead
+from pipeline.metrics import PerSourceSum, source_key
+from pipeline.models.transformer import DecoderOnlyTransformer, TransformerConfig
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine / linear decay to min_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * shape
+
+
+class LanguageModel(pl.LightningModule):
+    """Args:
+        vocab_size, sources: from the prepared data (sources index `source_ids`).
+        transformer: TransformerConfig fields (d_model, n_layers, n_heads, d_ff, ...).
+        optimizer: AdamW settings: lr, weight_decay, betas.
+        schedule: warmup_steps, name (cosine | linear | constant), min_lr_ratio.
+        loss: LossConfig fields (impl, label_smoothing, z_loss).
+        total_steps: planned optimizer steps (for the schedule).
+        translation_eval: {examples_per_source, max_new_tokens} for chrF (0 disables).
+        tokenizer_path: tokenizer to decode with for chrF (None: no chrF).
+    """
+
+    def __init__(self, vocab_size: int, sources: list[str], transformer: dict, optimizer: dict,
+                 schedule: dict, loss: dict, total_steps: int, source_kinds: list[str] | None = None,
+                 target_languages: list[str] | None = None, translation_eval: dict | None = None,
+                 tokenizer_path: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.sources = list(sources)
+        self.model = DecoderOnlyTransformer(TransformerConfig(vocab_size=vocab_size, **transformer))
+        self.loss_head = TokenLossHead(LossConfig(**loss))
+        if schedule.get("name", "cosine") not in SCHEDULES:
+            raise ValueError(f"model.schedule.name must be one of {SCHEDULES}, got {schedule.get('name')!r}")
+        num = len(self.sources)
+        self.val_loss = PerSourceSum(num)
+        self.seen_tokens = PerSourceSum(num)
+        self.seen_rows = PerSourceSum(num)
+        self.source_kinds = list(source_kinds or ["mono"] * num)
+        self.target_languages = list(target_languages or [])
+        self.chrf = torch.nn.ModuleDict({lang: CHRFScore() for lang in self.target_languages})
+        self.translation_eval = dict(translation_eval or {})
+        self._tokenizer_path = tokenizer_path
+        self._tokenizer = None
+        self._normalizer: torch.Tensor | None = None
+        self._step_loss = 0.0
+
+    # -- setup -----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "zero_stage_3", False):
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+            # The tied LM head is the embedding: gather it for the loss head's forward too.
+            register_external_parameter(self.loss_head, self.model.embed.weight)
+
+    def configure_optimizers(self):
+        opt_cfg, sched = self.hparams.optimizer, self.hparams.schedule
+        decay = [p for p in self.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": opt_cfg.get("weight_decay", 0.0)},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=opt_cfg["lr"], betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
+        )
+        total, warmup = self.hparams.total_steps, sched.get("warmup_steps", 0)
+        name, floor = sched.get("name", "cosine"), sched.get("min_lr_ratio", 0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, warmup, total, name, floor))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- training --------------------------------------------------------------------------
+    def _hidden(self, batch) -> torch.Tensor:
+        documents = batch["document_ids"]
+        packed = bool((documents.amax(dim=1) > 0).any())  # padded rows need only the causal mask
+        return self.model(batch["input_ids"], documents if packed else None)
+
+    def _global_normalizer(self, batch) -> torch.Tensor:
+        """N_global of this step: all-reduced on each step's first micro-batch."""
+        local = batch["step_target_tokens"]
+        if int(local) >= 0:
+            total = local.to(self.device, torch.float64).clone()
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(total)
+            self._normalizer = total.clamp(min=1).float()
+            self._step_loss = 0.0
+        if self._normalizer is None:
+            raise ValueError("first micro-batch of the step carried no step_target_tokens")
+        return self._normalizer
+
+    def gradient_scale(self) -> float:
+        """Undo Lightning's 1/accumulation and the data-parallel 1/world gradient average."""
+        return float(self.trainer.accumulate_grad_batches * self.trainer.world_size)
+
+    def training_step(self, batch, batch_idx):
+        normalizer = self._global_normalizer(batch)
+        hidden = self._hidden(batch)
+        labels = batch["labels"].flatten()
+        weighted_sum = self.loss_head(hidden.flatten(0, 1), self.model.lm_head_weight, labels,
+                                      batch["token_weights"].flatten())
+        objective = weighted_sum / normalizer
+        self._step_loss += float(objective.detach())
+        mask = labels != IGNORE_INDEX
+        self.seen_tokens.update(torch.ones_like(labels, dtype=torch.float64), batch["token_source_ids"].flatten(), mask)
+        self.seen_rows.update(torch.ones_like(batch["source_ids"], dtype=torch.float64), batch["source_ids"])
+        return objective * self.gradient_scale()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return
+        step = self.trainer.global_step  # already advanced by this batch's optimizer step
+        loss = torch.tensor(self._step_loss, device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(loss)  # each rank holds its share of the global objective
+        self.log("train/loss", loss, rank_zero_only=True, batch_size=1)
+        every = max(1, self.trainer.log_every_n_steps)
+        if step % every == 0 or step == self.trainer.max_steps:
+            self._log_data_metrics(step)
+
+    def _log_data_metrics(self, step: int) -> None:
+        tokens, _ = self.seen_tokens.compute()
+        rows, _ = self.seen_rows.compute()
+        metrics = {"data/tokens_total": float(tokens.sum())}
+        sampler = getattr(getattr(self.trainer, "datamodule", None), "sampler", None)
+        plan = sampler.plan_at(max(0, step - 1)) if sampler is not None else None
+        epochs = sampler.epochs(step) if sampler is not None else {}
+        for i, name in enumerate(self.sources):
+            key = source_key(name)
+            metrics[f"data/tokens/{key}"] = float(tokens[i])
+            metrics[f"data/samples/{key}"] = float(rows[i])
+            if plan is not None:
+                metrics[f"data/prob/{key}"] = plan.prob(name)
+                metrics[f"data/loss_weight/{key}"] = plan.weight(name)
+                metrics[f"data/epochs/{key}"] = epochs[name]
+        self.log_dict(metrics, rank_zero_only=True, batch_size=1)
+
+    # -- validation ------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        hidden = self._hidden(batch)
+        labels = batch["labels"].flatten()
+        losses = self.loss_head(hidden.flatten(0, 1), self.model.lm_head_weight, labels, reduction="none")
+        self.val_loss.update(losses.float(), batch["token_source_ids"].flatten(), labels != IGNORE_INDEX)
+        if self.target_languages and self.translation_eval.get("examples_per_source", 0) > 0:
+            self._translate_and_score(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        sums, counts = self.val_loss.compute()
+        self.val_loss.reset()
+        metrics: dict[str, Any] = {}
+        per_source = []
+        for i, name in enumerate(self.sources):
+            if counts[i] > 0:
+                loss = float(sums[i] / counts[i])
+                per_source.append(loss)
+                metrics[f"val/loss/{source_key(name)}"] = loss
+                metrics[f"val/ppl/{source_key(name)}"] = math.exp(min(loss, 50.0))
+        if counts.sum() > 0:
+            metrics["val/loss"] = float(sums.sum() / counts.sum())  # token-weighted
+            metrics["val/loss_macro"] = sum(per_source) / len(per_source)  # every source equal
+        if self.target_languages:
+            # Same collectives on every rank: count decoded rows per language everywhere.
+            decoded = torch.tensor([m.update_count for m in self.chrf.values()], device=self.device)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(decoded)
+            for (lang, metric), count in zip(self.chrf.items(), decoded.tolist(), strict=True):
+                if count > 0:
+                    metrics[f"val/chrf/lang={lang}"] = float(metric.compute())
+                metric.reset()
+        self.log_dict(metrics, batch_size=1, sync_dist=False, rank_zero_only=True)
+
+    # -- translation evaluation --------------------------------------------------------------
+    def _decoder_tokenizer(self):
+        if self._tokenizer is None and self._tokenizer_path is not None:
+            from pipeline.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.load(self._tokenizer_path)
+        return self._tokenizer
+
+    def _translate_and_score(self, batch) -> None:
+        """Greedy-decode the batch's first held-out translation rows and update chrF.
+
+        Every rank runs exactly `max_new_tokens` forward passes per validation batch (a
+        dummy prompt when no row qualifies), so ZeRO-3's collective parameter gathering
+        stays in lock-step across ranks.
+        """
+        tokenizer = self._decoder_tokenizer()
+        if tokenizer is None:
+            return
+        limit = self.translation_eval.get("examples_per_source", 4)
+        max_new = self.translation_eval.get("max_new_tokens", 32)
+        prompts, references, languages = [], [], []
+        for row in range(batch["input_ids"].shape[0]):
+            source = int(batch["source_ids"][row])
+            targets = batch["labels"][row] != IGNORE_INDEX
+            if self.source_kinds[source] != "parallel" or not targets.any():
+                continue
+            if int(batch["example_index"][row]) >= limit:
+                continue
+            first = int(targets.nonzero()[0])
+            prompts.append(batch["input_ids"][row, : first + 1].tolist())
+            references.append(tokenizer.decode(batch["labels"][row][targets].tolist()[:-1]))  # no eos
+            languages.append(self._target_language(prompts[-1][0], tokenizer))
+        outputs = self.model.greedy_decode_batch(prompts or [[tokenizer.eos_id]], tokenizer.eos_id,
+                                                 max_new, tokenizer.pad_id)
+        for hypothesis, reference, lang in zip(outputs, references, languages, strict=False):
+            if lang in self.chrf:
+                self.chrf[lang].update([tokenizer.decode(hypothesis)], [[reference]])
+
+    def _target_language(self, tag_id: int, tokenizer) -> str:
+        for lang in self.target_languages:
+            if tokenizer.lang_tag_id(lang) == tag_id:
+                return lang
+        return ""

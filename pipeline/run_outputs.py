@@ -1,0 +1,157 @@
+"""What a run writes: logger, checkpoints, the pre-flight mixture table, results.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.metrics import source_key
+
+# Keys that say where a run lives, not what it computes: left out of the digest.
+_PLACE_KEYS = ("output_dir", "ckpt_path", "cache_dir", "progress")
+
+
+def config_digest(cfg: DictConfig) -> str:
+    """sha256 (16 hex) of the resolved config without its location keys."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in _PLACE_KEYS:
+        container.pop(key, None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_logger(cfg: DictConfig, output_dir: Path):
+    """The configured logger (`logger=wandb|csv|none`); wandb is offline unless told otherwise."""
+    logger_cfg = cfg.get("logger")
+    if not logger_cfg or not logger_cfg.get("_target_"):
+        return False
+    if logger_cfg.get("offline", False):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    return instantiate(logger_cfg, save_dir=str(output_dir))
+
+
+def build_callbacks(cfg: DictConfig, output_dir: Path) -> list:
+    callbacks: list = [ModelCheckpoint(
+        dirpath=str(output_dir / "checkpoints"),
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint.every_n_steps,
+        save_top_k=-1,
+        save_last=True,
+    )]
+    if cfg.get("logger") and cfg.logger.get("_target_"):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return callbacks
+
+
+def log_run_start(logger, cfg: DictConfig, report) -> None:
+    """Composed config as hyperparameters and the pre-flight mixture table (rank zero)."""
+    if not logger:
+        return
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    rows = report.rows()
+    columns = list(rows[0])
+    if isinstance(logger, WandbLogger):
+        logger.log_table(key="data/mixture", columns=columns, data=[[r[c] for c in columns] for r in rows])
+    elif isinstance(logger, CSVLogger):
+        path = Path(logger.log_dir) / "mixture.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(",".join(columns) + "\n" + "\n".join(",".join(str(r[c]) for c in columns) for r in rows) + "\n")
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def results_record(cfg: DictConfig, trainer, model, datamodule, status: str, wall_time: float) -> dict[str, Any]:
+    """Everything sweeps and scaling fits read about a run (same on every rank)."""
+    completed = status == "completed"
+    # compute() synchronises across ranks: only when every rank got here normally.
+    tokens = model.seen_tokens.compute()[0] if completed else model.seen_tokens.sums
+    rows = model.seen_rows.compute()[0] if completed else model.seen_rows.sums
+    metrics = {k: _float(v) for k, v in trainer.callback_metrics.items()}
+    sampler, split = datamodule.sampler, datamodule.split
+    step = trainer.global_step
+    plan = sampler.plan_at(max(0, step - 1))
+    epochs = sampler.epochs(step)
+    sources = {}
+    for i, name in enumerate(datamodule.sources):
+        key = source_key(name)
+        sources[name] = {
+            "kind": datamodule.corpus.kind(name),
+            "documents_train": split.train[name],
+            "documents_val": split.val[name],
+            "tokens_seen": float(tokens[i]),
+            "samples_seen": float(rows[i]),
+            "epochs": epochs[name],
+            "final_prob": plan.prob(name),
+            "final_loss_weight": plan.weight(name),
+            "val_loss": metrics.get(f"val/loss/{key}", math.nan),
+            "val_ppl": metrics.get(f"val/ppl/{key}", math.nan),
+            "val_chrf": metrics.get(f"val/chrf/{key}", math.nan),
+        }
+    return {
+        "status": status,
+        "config_digest": config_digest(cfg),
+        "experiment": OmegaConf.select(cfg, "experiment_name", default=None),
+        "wall_time_s": wall_time,
+        "global_steps": step,
+        "planned_steps": cfg.run.total_steps,
+        "global_batch_size": cfg.run.global_batch_size,
+        "world_size": trainer.world_size,
+        "num_parameters": model.model.num_parameters(),
+        "tokens_seen_total": float(tokens.sum()),
+        "mixture": OmegaConf.to_container(cfg.mixture, resolve=True),
+        "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "seed": cfg.seed,
+        "metrics": metrics,
+        "sources": sources,
+    }
+
+
+def write_results(path: Path, record: dict[str, Any]) -> None:
+    """Atomic JSON write (temp file + rename): readers never see half a results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(record, stream, indent=2, sort_keys=True, default=str, allow_nan=True)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def format_results_table(record: dict[str, Any]) -> str:
+    """Per-source table printed at the end of a run."""
+    sources = record["sources"]
+    width = max(8, *(len(n) for n in sources))
+    has_chrf = any(not math.isnan(s["val_chrf"]) for s in sources.values())
+    header = (f"{'source':<{width}} {'docs':>7} {'samples':>8} {'tokens':>9} {'epochs':>7} "
+              f"{'val loss':>9} {'val ppl':>9}" + (f" {'chrF':>6}" if has_chrf else ""))
+    lines = [f"Run {record['status']}: {record['global_steps']} steps, {record['num_parameters']:,} "
+             f"parameters, {record['wall_time_s']:.0f} s, config {record['config_digest']}", header]
+    for name, s in sources.items():
+        line = (f"{name:<{width}} {s['documents_train']:7d} {s['samples_seen']:8.0f} {s['tokens_seen']:9.0f} "
+                f"{s['epochs']:7.2f} {s['val_loss']:9.3f} {s['val_ppl']:9.1f}")
+        if has_chrf:
+            line += f" {s['val_chrf']:6.1f}"
+        lines.append(line)
+    overall = record["metrics"]
+    lines.append(f"val/loss (token-weighted) {overall.get('val/loss', math.nan):.3f}; "
+                 f"val/loss_macro (per-source mean) {overall.get('val/loss_macro', math.nan):.3f}")
+    return "\n".join(lines)

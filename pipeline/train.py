@@ -1,0 +1,108 @@
+"""Training entry: ``python -m pipeline.train experiment=demo [overrides]``.
+
+Compose the config, prepare data (cached), print the mixture plan, build the parts from
+their configs, fit, and write ``results.json`` in the run directory. It wires parts; the
+parts live in their own modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from filelock import FileLock
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+import pipeline.config_schema  # noqa: F401  (registers base_config)
+from pipeline.datamodule import datamodule_from_config
+from pipeline.mixing.report import build_report, format_report
+from pipeline.prepare import prepare
+from pipeline.run_outputs import (
+    build_callbacks,
+    build_logger,
+    config_digest,
+    format_results_table,
+    log_run_start,
+    results_record,
+    write_results,
+)
+
+log = logging.getLogger(__name__)
+
+
+def output_dir_of(cfg: DictConfig) -> Path:
+    """The run directory: `output_dir` if set, else Hydra's, else ./outputs/<time>."""
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs") / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one training job; returns the results record (also written to results.json)."""
+    started = time.time()
+    output_dir = output_dir_of(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    cache = Path(cfg.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / ".prepare.lock")):  # every launched process runs this entry
+        corpus, tokenizer = prepare(cfg)
+    datamodule = datamodule_from_config(cfg, corpus, tokenizer)
+    report = build_report(datamodule.sampler, size_unit=cfg.mixture.size_unit,
+                          max_epochs=cfg.report.max_epochs)
+    rank_zero_info("\n" + format_report(report))
+
+    sources = datamodule.sources
+    model = instantiate(
+        cfg.model, vocab_size=tokenizer.vocab_size, sources=sources, total_steps=cfg.run.total_steps,
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        source_kinds=[corpus.kind(n) for n in sources],
+        target_languages=sorted({lang for n in sources if corpus.kind(n) == "parallel"
+                                 for lang in (corpus.source_info(n)["src_lang"], corpus.source_info(n)["tgt_lang"])}),
+        tokenizer_path=str(tokenizer.path), _convert_="all",
+    )
+    logger = build_logger(cfg, output_dir)
+    trainer = pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        strategy=instantiate(cfg.strategy),
+        logger=logger,
+        callbacks=build_callbacks(cfg, output_dir),
+        max_steps=cfg.run.total_steps,
+        default_root_dir=str(output_dir),
+    )
+    trainer.accumulate_grad_batches = cfg.run.global_batch_size // (trainer.world_size * cfg.loader.micro_batch_size)
+    if trainer.val_check_interval is not None and cfg.evaluation.every_n_steps:
+        trainer.val_check_interval = cfg.evaluation.every_n_steps * trainer.accumulate_grad_batches
+    log_run_start(logger, cfg, report)
+
+    status = "completed"
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except BaseException as error:
+        status = f"failed: {type(error).__name__}: {error}"
+        raise
+    finally:
+        record = results_record(cfg, trainer, model, datamodule, status, time.time() - started)
+        if trainer.is_global_zero:
+            write_results(output_dir / "results.json", record)
+    rank_zero_info("\n" + format_results_table(record))
+    return record
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    log.info("config digest %s", config_digest(cfg))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
