@@ -19,11 +19,11 @@ worker) with identical results.
     against 1.09 for Megatron's sequential greedy on the same kind of mixture.
 
 `StochasticAllocator` (seeded multinomial)
-    Each plan segment draws its per-source counts from Multinomial(samples, probs) with
-    a generator keyed by (seed, segment) and lays them out in a seeded random order. That
-    is exactly i.i.d. categorical draws (a multinomial sample in uniformly random order),
-    so every step's composition is Multinomial(batch, probs); cumulative counts at a
-    segment boundary are a sum of per-segment draws, with no per-step replay.
+    Each plan segment draws its per-source counts from Multinomial(samples, probs) and
+    lays them out in a seeded uniformly random order, split hierarchically into blocks.
+    That is exactly i.i.d. categorical draws (a multinomial sample in uniformly random
+    order), so every step's composition is Multinomial(batch, probs); cumulative counts
+    at any position take O(log) hypergeometric draws, with no per-step replay.
 """
 
 from __future__ import annotations
@@ -159,78 +159,112 @@ class ExactAllocator:
 
 
 class StochasticAllocator:
+    """Seeded i.i.d. draws, with cumulative counts at any position in O(log) draws.
+
+    The stream is cut into chunks: each plan segment, in pieces of at most `CHUNK`
+    positions, then an unbounded run of `CHUNK`-sized pieces with the final plan. A chunk
+    draws its per-source counts from Multinomial(length, probs) and is cut into blocks of
+    `block_samples` positions by a binary tree: a node's counts split between its halves
+    with a multivariate hypergeometric draw (keyed by seed, chunk, node), which is exactly
+    the law of a uniformly random arrangement of the chunk's multiset. A block's own
+    order is a seeded permutation of its counts. (numpy's hypergeometric sampler needs
+    totals below 10^9, hence the chunk cap.)
+    """
+
+    CHUNK = 1 << 29
+
     def __init__(self, schedule: MixtureSchedule, global_batch_size: int, seed: int,
-                 tail_block_steps: int = 256):
+                 block_samples: int = 1 << 16):
         self.schedule = schedule
         self.batch = int(global_batch_size)
         self.seed = int(seed)
         self.num_sources = len(schedule.sources)
-        # Blocks: the finite plan segments, then fixed-size blocks of the final plan.
-        self.tail_block = max(int(tail_block_steps), schedule.update_steps) * self.batch
-        self.finite_starts = schedule.boundaries * self.batch  # last one = run end
-        self._block_counts: list[np.ndarray] = []
+        self.block = int(block_samples)
+        starts = schedule.boundaries * self.batch
+        chunks: list[tuple[int, int, int]] = []  # (start position, length, plan segment)
+        for segment in range(len(starts) - 1):
+            for offset in range(0, int(starts[segment + 1] - starts[segment]), self.CHUNK):
+                length = min(self.CHUNK, int(starts[segment + 1] - starts[segment]) - offset)
+                chunks.append((int(starts[segment]) + offset, length, segment))
+        self.chunks = chunks
+        self.tail_start = int(starts[-1])
+        self.tail_segment = len(starts) - 1
+        self._chunk_counts: list[np.ndarray] = []
         self._cumulative: list[np.ndarray] = [np.zeros(self.num_sources, dtype=np.int64)]
-        self._cached_block: tuple[int, np.ndarray] | None = None
+        self._cached_block: tuple[tuple[int, int], np.ndarray] | None = None
 
-    def _block_span(self, block: int) -> tuple[int, int, int]:
-        """(start position, length, plan segment) of a block."""
-        finite = len(self.finite_starts) - 1
-        if block < finite:
-            start = int(self.finite_starts[block])
-            return start, int(self.finite_starts[block + 1]) - start, block
-        start = int(self.finite_starts[-1]) + (block - finite) * self.tail_block
-        return start, self.tail_block, finite
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, *key])))
 
-    def _block_of(self, position: int) -> int:
-        finite = len(self.finite_starts) - 1
-        if position < self.finite_starts[-1]:
-            return int(np.searchsorted(self.finite_starts, position, side="right") - 1)
-        return finite + (position - int(self.finite_starts[-1])) // self.tail_block
+    def _chunk(self, index: int) -> tuple[int, int, int]:
+        if index < len(self.chunks):
+            return self.chunks[index]
+        return self.tail_start + (index - len(self.chunks)) * self.CHUNK, self.CHUNK, self.tail_segment
 
-    def _rng(self, block: int, purpose: int) -> np.random.Generator:
-        """Independent generators per (seed, block, purpose: 0 counts, 1 order)."""
-        return np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, block, purpose])))
+    def _chunk_of(self, position: int) -> int:
+        if position < self.tail_start:
+            starts = [c[0] for c in self.chunks]
+            return int(np.searchsorted(starts, position, side="right") - 1)
+        return len(self.chunks) + (position - self.tail_start) // self.CHUNK
 
-    def _counts(self, block: int) -> np.ndarray:
-        while len(self._block_counts) <= block:
-            b = len(self._block_counts)
-            _, length, segment = self._block_span(b)
-            counts = self._rng(b, 0).multinomial(length, self.schedule.probs[segment])
-            self._block_counts.append(counts.astype(np.int64))
-            self._cumulative.append(self._cumulative[-1] + self._block_counts[-1])
-        return self._block_counts[block]
+    def _counts(self, index: int) -> np.ndarray:
+        while len(self._chunk_counts) <= index:
+            k = len(self._chunk_counts)
+            _, length, segment = self._chunk(k)
+            counts = self._rng(k, 0).multinomial(length, self.schedule.probs[segment]).astype(np.int64)
+            self._chunk_counts.append(counts)
+            self._cumulative.append(self._cumulative[-1] + counts)
+        return self._chunk_counts[index]
 
-    def _sequence(self, block: int) -> np.ndarray:
-        if self._cached_block is None or self._cached_block[0] != block:
-            counts = self._counts(block)
+    def _block_counts(self, index: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(counts before `block` within chunk `index`, counts of `block`), by tree descent."""
+        _, length, _ = self._chunk(index)
+        lo, hi = 0, -(-length // self.block)
+        counts = self._counts(index)
+        before = np.zeros(self.num_sources, dtype=np.int64)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            left_size = min(mid * self.block, length) - lo * self.block
+            left = self._rng(index, 1, lo, hi).multivariate_hypergeometric(counts, left_size, method="marginals")
+            if block < mid:
+                counts, hi = left, mid
+            else:
+                before += left
+                counts, lo = counts - left, mid
+        return before, counts
+
+    def _block_sequence(self, index: int, block: int) -> np.ndarray:
+        if self._cached_block is None or self._cached_block[0] != (index, block):
+            _, counts = self._block_counts(index, block)
             order = np.repeat(np.arange(self.num_sources), counts)
-            self._cached_block = (block, self._rng(block, 1).permutation(order))
+            self._cached_block = ((index, block), self._rng(index, 2, block).permutation(order))
         return self._cached_block[1]
 
     def counts_at(self, position: int) -> np.ndarray:
-        block = self._block_of(position)
-        self._counts(block)
-        start, _, _ = self._block_span(block)
-        within = self._sequence(block)[: position - start]
-        return self._cumulative[block] + np.bincount(within, minlength=self.num_sources)
+        index = self._chunk_of(position)
+        start, _, _ = self._chunk(index)
+        block, within = divmod(position - start, self.block)
+        self._counts(index)
+        before, _ = self._block_counts(index, block)
+        prefix = self._block_sequence(index, block)[:within] if within else np.empty(0, dtype=np.int64)
+        return self._cumulative[index] + before + np.bincount(prefix, minlength=self.num_sources)
 
     def allocate(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         sources = [np.empty(0, dtype=np.int64)]
         draws = [np.empty(0, dtype=np.int64)]
         position = start
         while position < stop:
-            block = self._block_of(position)
-            block_start, length, _ = self._block_span(block)
-            end = min(stop, block_start + length)
-            sequence = self._sequence(block)
+            index = self._chunk_of(position)
+            chunk_start, length, _ = self._chunk(index)
+            block, within = divmod(position - chunk_start, self.block)
+            end = min(chunk_start + min((block + 1) * self.block, length), stop)
+            chunk = self._block_sequence(index, block)[within: within + end - position]
             base = self.counts_at(position)
-            chunk = sequence[position - block_start: end - block_start]
             # Draw number = draws of that source before `position` + rank within the chunk.
             order = np.argsort(chunk, kind="stable")
-            ranks = np.empty(len(chunk), dtype=np.int64)
             sorted_chunk = chunk[order]
-            group_start = np.searchsorted(sorted_chunk, sorted_chunk, side="left")
-            ranks[order] = np.arange(len(chunk)) - group_start
+            ranks = np.empty(len(chunk), dtype=np.int64)
+            ranks[order] = np.arange(len(chunk)) - np.searchsorted(sorted_chunk, sorted_chunk, side="left")
             sources.append(chunk)
             draws.append(base[chunk] + ranks)
             position = end

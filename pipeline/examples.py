@@ -14,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pipeline.row_reader import RowReader
 from pipeline.split import SourceSplit
 
 IGNORE_INDEX = -100
@@ -52,33 +54,37 @@ class MixtureDataset(Dataset):
             raise ValueError(f"max_length must be >= 4 tokens, got {max_length}")
         self.corpus, self.tokenizer, self.split = corpus, tokenizer, split
         self.sources = list(sources)
+        self.reader = RowReader(corpus, self.sources)
+        # (src_lang, tgt_lang) per parallel source, None for mono sources.
+        self.languages = [(corpus.source_info(n)["src_lang"], corpus.source_info(n)["tgt_lang"])
+                          if corpus.kind(n) == "parallel" else None for n in self.sources]
         self.part = part
         self.max_length = int(max_length)
         self.direction = direction
 
-    def rows(self, name: str, indices: Sequence[int]):
-        if self.part == "train":
-            return self.split.train_rows(name, indices)
-        return self.split.val_rows(name, indices)
-
     def build(self, items: Sequence[tuple[int, int, int]]) -> list[dict[str, Any]]:
-        """Examples for the items, reading each source's rows with one batched Arrow take."""
+        """Examples for the items: one vectorised split mapping, one Arrow take per kind,
+        one tokenizer call per column."""
+        if not items:
+            return []
+        source_ids = np.fromiter((item[0] for item in items), dtype=np.int64, count=len(items))
+        indices = np.fromiter((item[1] for item in items), dtype=np.int64, count=len(items))
+        rows = self.split.rows_many(self.sources, source_ids, indices, self.part)
+        records = self.reader.read(source_ids, rows)
         examples: list[dict[str, Any] | None] = [None] * len(items)
-        by_source: dict[int, list[int]] = {}
-        for position, (source_id, _, _) in enumerate(items):
-            by_source.setdefault(source_id, []).append(position)
-        for source_id, positions in by_source.items():
-            name = self.sources[source_id]
-            indices = [int(items[p][1]) for p in positions]
-            rows = self.corpus.dataset(name)[self.rows(name, indices).tolist()]
-            if self.corpus.kind(name) == "parallel":
-                info = self.corpus.source_info(name)
-                made = self._translation(rows["src"], rows["tgt"], info["src_lang"], info["tgt_lang"], indices)
-            else:
-                made = self._language_model(rows["text"])
-            for p, example in zip(positions, made, strict=True):
-                example.update(source_id=source_id, index=int(items[p][1]), step=int(items[p][2]))
+        mono = [p for p, s in enumerate(source_ids.tolist()) if self.reader.kinds[s] != "parallel"]
+        pairs = [p for p, s in enumerate(source_ids.tolist()) if self.reader.kinds[s] == "parallel"]
+        if mono:
+            for p, example in zip(mono, self._language_model([records[p]["text"] for p in mono]), strict=True):
                 examples[p] = example
+        if pairs:
+            made = self._translation([records[p]["src"] for p in pairs], [records[p]["tgt"] for p in pairs],
+                                     [self.languages[int(source_ids[p])] for p in pairs],
+                                     [int(indices[p]) for p in pairs])
+            for p, example in zip(pairs, made, strict=True):
+                examples[p] = example
+        for p, (source_id, index, step) in enumerate(items):
+            examples[p].update(source_id=int(source_id), index=int(index), step=int(step))
         return examples  # type: ignore[return-value]
 
     def __getitems__(self, items) -> list[dict[str, Any]]:
@@ -104,11 +110,12 @@ class MixtureDataset(Dataset):
         return [{"ids": [tok.bos_id, *ids[: self.max_length - 1], tok.eos_id], "target_from": 1}
                 for ids in tok.encode(list(texts))]
 
-    def _translation(self, sources: list[str], targets: list[str], src_lang: str, tgt_lang: str,
+    def _translation(self, sources: list[str], targets: list[str], languages: list[tuple[str, str]],
                      indices: list[int]) -> list[dict[str, Any]]:
         tok = self.tokenizer
         out = []
-        for a, b, index in zip(tok.encode(list(sources)), tok.encode(list(targets)), indices, strict=True):
+        encoded = zip(tok.encode(list(sources)), tok.encode(list(targets)), languages, indices, strict=True)
+        for a, b, (src_lang, tgt_lang), index in encoded:
             # Direction per example is fixed by its index, so reruns see the same task.
             reverse = self.direction == "from_eng" or (self.direction == "both" and index % 2 == 1)
             (x, _), (y, y_lang) = ((b, tgt_lang), (a, src_lang)) if reverse else ((a, src_lang), (b, tgt_lang))
@@ -178,7 +185,7 @@ class MixtureCollator:
             "document_ids": document_ids,
             "attention_mask": (document_ids >= 0).long(),
             "source_ids": torch.tensor([row[0]["source_id"] for row in rows]),
-            "example_index": torch.tensor([row[0]["index"] for row in rows]),
+            "example_index": torch.tensor([row[0].get("index", -1) for row in rows]),
             "step": torch.tensor([row[0]["step"] for row in rows]),
             "num_target_tokens": (labels != IGNORE_INDEX).sum(),
             # The rank's targets over the whole step on its first micro-batch, else -1.

@@ -27,47 +27,55 @@ def mix64(values: np.ndarray) -> np.ndarray:
 
 
 def hash_key(*parts: int | np.ndarray) -> np.ndarray:
-    """Fold integers or int arrays (seed, source, epoch, ...) into 64-bit keys (broadcast)."""
-    key = np.zeros(1, dtype=np.uint64)
-    for part in parts:
-        key = mix64(key ^ np.asarray(part).astype(np.int64).astype(np.uint64))
-    return key if key.size > 1 else key.reshape(())
+    """Fold integers or int arrays (seed, source, epoch, ...) into 64-bit keys (broadcast).
+
+    Returns a 0-d array when every part is a scalar, else an array of the broadcast shape.
+    """
+    arrays = [np.asarray(part).astype(np.int64).astype(np.uint64) for part in parts]
+    key = np.zeros(np.broadcast_shapes(*(a.shape for a in arrays)), dtype=np.uint64)
+    for part in arrays:
+        key = mix64(key ^ part)
+    return key
 
 
-def permute(positions: np.ndarray, n: int, keys: np.ndarray | np.uint64) -> np.ndarray:
+def permute(positions: np.ndarray, n: int | np.ndarray, keys: np.ndarray | np.uint64) -> np.ndarray:
     """Image of `positions` under the permutation of [0, n) selected by `keys`.
 
     Args:
-        positions: (K,) int64 in [0, n).
-        n: domain size, >= 1.
+        positions: (K,) int64, each in [0, its n).
+        n: domain size (>= 1), one for all positions or (K,) one per position, so a
+            single call serves many sources (the per-call cost dominates small batches).
         keys: a uint64 key, or (K,) uint64, one per position (e.g. one per epoch).
 
     Returns:
-        (K,) int64 in [0, n); for a fixed key, distinct positions give distinct images.
+        (K,) int64; for a fixed (n, key), distinct positions give distinct images.
     """
     positions = np.asarray(positions, dtype=np.int64)
-    if n < 1:
-        raise ValueError(f"permutation domain must have n >= 1, got {n}")
-    if positions.size and (positions.min() < 0 or positions.max() >= n):
-        raise ValueError(f"positions must lie in [0, {n})")
-    if n == 1:
-        return np.zeros_like(positions)
-    half_bits = max(1, (int(n - 1).bit_length() + 1) // 2)
+    sizes = np.broadcast_to(np.asarray(n, dtype=np.int64), positions.shape)
+    if sizes.size and sizes.min() < 1:
+        raise ValueError(f"permutation domain must have n >= 1, got {int(sizes.min())}")
+    if positions.size and ((positions < 0).any() or (positions >= sizes).any()):
+        raise ValueError("positions must lie in [0, n)")
     keys = np.broadcast_to(np.asarray(keys, dtype=np.uint64), positions.shape)
+    # Balanced Feistel on [0, 4^h) with 4^h >= n (h >= 1): fewer than 4 walks on average.
+    bit_length = np.ceil(np.log2(np.maximum(sizes, 2).astype(np.float64))).astype(np.int64)
+    exact = (np.int64(1) << bit_length) >= sizes  # guard float rounding of log2
+    bit_length = np.where(exact, bit_length, bit_length + 1)
+    half_bits = np.maximum(1, (bit_length + 1) // 2).astype(np.uint64)
     values = positions.astype(np.uint64)
-    pending = np.ones(values.shape, dtype=bool)
+    limit = sizes.astype(np.uint64)
+    pending = sizes > 1
     while pending.any():
-        values[pending] = _feistel(values[pending], keys[pending], half_bits)
-        pending = values >= np.uint64(n)
-    return values.astype(np.int64)
+        values[pending] = _feistel(values[pending], keys[pending], half_bits[pending])
+        pending &= values >= limit
+    return np.where(sizes > 1, values.astype(np.int64), 0)
 
 
-def _feistel(values: np.ndarray, keys: np.ndarray, half_bits: int) -> np.ndarray:
-    """One pass of a balanced Feistel network on [0, 2^(2*half_bits))."""
-    shift = np.uint64(half_bits)
-    mask = np.uint64((1 << half_bits) - 1)
-    left, right = values >> shift, values & mask
+def _feistel(values: np.ndarray, keys: np.ndarray, half_bits: np.ndarray) -> np.ndarray:
+    """One pass of a balanced Feistel network on [0, 2^(2*half_bits)), elementwise."""
+    mask = (np.uint64(1) << half_bits) - np.uint64(1)
+    left, right = values >> half_bits, values & mask
     for round_index in range(_ROUNDS):
         round_keys = mix64(keys ^ np.uint64(round_index * 0x632BE59BD9B4E019 & 0xFFFFFFFFFFFFFFFF))
         left, right = right, left ^ (mix64(right ^ round_keys) & mask)
-    return (left << shift) | right
+    return (left << half_bits) | right

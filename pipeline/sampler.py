@@ -135,19 +135,11 @@ class MixtureSampler:
         return self.global_batch_size // world_size
 
     def _example_index(self, source: np.ndarray, draw: np.ndarray) -> np.ndarray:
-        """Map each (source, draw number) to an example index via per-epoch permutations."""
-        index = np.empty_like(draw)
-        order = np.argsort(source, kind="stable")  # group positions by source in one pass
-        bounds = np.searchsorted(source[order], np.arange(len(self.sources) + 1))
-        for source_id in range(len(self.sources)):
-            group = order[bounds[source_id]:bounds[source_id + 1]]
-            if not len(group):
-                continue
-            size = int(self.num_documents[source_id])
-            draws = draw[group]
-            keys = hash_key(self.seed, source_id, draws // size)  # one permutation per epoch
-            index[group] = permute(draws % size, size, keys)
-        return index
+        """Map each (source, draw number) to an example index via per-epoch permutations,
+        in one vectorised call for all sources (one permutation per (source, epoch))."""
+        sizes = self.num_documents[source]
+        keys = hash_key(self.seed, source, draw // sizes)
+        return permute(draw % sizes, sizes, keys)
 
     # -- accounting --------------------------------------------------------------------
     def draw_counts(self, step: int) -> np.ndarray:

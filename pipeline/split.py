@@ -8,7 +8,7 @@ access, disjoint, and identical on every rank and every run with the same seed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -45,6 +45,28 @@ class SourceSplit:
     def _rows(self, name: str, positions: np.ndarray) -> np.ndarray:
         key = hash_key(self.seed, _SPLIT_TAG, self.sources.index(name))
         return permute(np.asarray(positions, dtype=np.int64), self.total[name], key)
+
+    def rows_many(self, names: Sequence[str], source_ids: np.ndarray, indices: np.ndarray,
+                  part: str = "train") -> np.ndarray:
+        """Rows of many (source, index) pairs in one vectorised call.
+
+        Args:
+            names: source names that `source_ids` index (the sampler's order).
+            source_ids, indices: (K,) int64; indices count within `part` of each source.
+            part: "train" or "val".
+        """
+        source_ids = np.asarray(source_ids, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64)
+        table = self.train if part == "train" else self.val
+        limits = np.array([table[n] for n in names], dtype=np.int64)[source_ids]
+        if indices.size and ((indices < 0).any() or (indices >= limits).any()):
+            bad = int(np.flatnonzero((indices < 0) | (indices >= limits))[0])
+            raise ValueError(f"{part} index {int(indices[bad])} out of range for source "
+                             f"{names[int(source_ids[bad])]!r} ({int(limits[bad])} rows)")
+        order = np.array([self.sources.index(n) for n in names], dtype=np.int64)[source_ids]
+        offsets = np.array([self.val[n] for n in names], dtype=np.int64)[source_ids] if part == "train" else 0
+        totals = np.array([self.total[n] for n in names], dtype=np.int64)[source_ids]
+        return permute(indices + offsets, totals, hash_key(self.seed, _SPLIT_TAG, order))
 
     def train_rows(self, name: str, indices) -> np.ndarray:
         """Rows of training examples `indices` (each in [0, train[name]))."""

@@ -185,20 +185,14 @@ def load_corpus(args: argparse.Namespace):
 
 
 # -- ours -----------------------------------------------------------------------------------
-def fetch_texts(micro: list[tuple[int, int, int]], dsets: list) -> list[str]:
-    """MixtureDataset.build without tokenising or split mapping: one batched Arrow take per source."""
-    texts: list[Any] = [None] * len(micro)
-    by_source: dict[int, list[int]] = {}
-    for position, (source_id, _, _) in enumerate(micro):
-        by_source.setdefault(source_id, []).append(position)
-    for source_id, positions in by_source.items():
-        rows = dsets[source_id][[int(micro[p][1]) for p in positions]]["text"]
-        for p, text in zip(positions, rows, strict=True):
-            texts[p] = text
-    return texts
+def fetch_texts(micro: list[tuple[int, int, int]], reader) -> list[str]:
+    """The pipeline's row path without tokenising: `RowReader.read` (one Arrow take per kind)."""
+    sources = np.fromiter((s for s, _, _ in micro), dtype=np.int64, count=len(micro))
+    rows = np.fromiter((i for _, i, _ in micro), dtype=np.int64, count=len(micro))
+    return [record["text"] for record in reader.read(sources, rows)]
 
 
-def run_ours_e2e(sampler, dsets: list, micro_batch: int, examples: int) -> tuple[float, float, float, np.ndarray]:
+def run_ours_e2e(sampler, reader, micro_batch: int, examples: int) -> tuple[float, float, float, np.ndarray]:
     """One pass: (examples/s, seconds in the batch sampler, seconds reading rows, sources)."""
     from pipeline.sampler import RankBatchSampler
 
@@ -215,7 +209,7 @@ def run_ours_e2e(sampler, dsets: list, micro_batch: int, examples: int) -> tuple
         in_sampler += t1 - t0
         if micro is None:
             break
-        texts = fetch_texts(micro, dsets)
+        texts = fetch_texts(micro, reader)
         in_read += time.perf_counter() - t1
         count += len(texts)
         sources.append([s for s, _, _ in micro])
@@ -223,7 +217,7 @@ def run_ours_e2e(sampler, dsets: list, micro_batch: int, examples: int) -> tuple
     return count / elapsed, in_sampler, in_read, np.concatenate(sources)
 
 
-def bench_ours(args, res: Results, stage, docs: dict[str, int], dsets: list, probs: np.ndarray) -> None:
+def bench_ours(args, res: Results, stage, docs: dict[str, int], reader, probs: np.ndarray) -> None:
     from pipeline.sampler import MixtureSampler
 
     def build(mode: str) -> MixtureSampler:
@@ -252,7 +246,7 @@ def bench_ours(args, res: Results, stage, docs: dict[str, int], dsets: list, pro
         share = res.add(f"ours_{mode}_e2e_sampler_share", f"ours {mode}: share of e2e time in "
                         "RankBatchSampler (rest: Arrow reads)", "%")
         for _ in range(args.repeats):
-            rate, in_sampler, in_read, sources = run_ours_e2e(sampler, dsets, args.micro_batch, args.examples)
+            rate, in_sampler, in_read, sources = run_ours_e2e(sampler, reader, args.micro_batch, args.examples)
             m.samples.append(rate)
             share.samples.append(100.0 * in_sampler / (in_sampler + in_read))
         freq = np.bincount(sources, minlength=len(probs)) / len(sources)
@@ -279,7 +273,7 @@ def bench_ours(args, res: Results, stage, docs: dict[str, int], dsets: list, pro
                 if rows is not None:
                     micro = [(int(s), int(i), step) for s, i in
                              zip(batch.source[:args.micro_batch], batch.index[:args.micro_batch], strict=True)]
-                    fetch_texts(micro, dsets)
+                    fetch_texts(micro, reader)
                     rows.samples.append((time.perf_counter() - t1) * 1e3)
         worst = max(res.median(f"ours_{mode}_resume_ms@{s}") for s in resume_steps)
         w = res.add(f"ours_{mode}_resume_worst_ms", f"ours {mode}: resume, worst position (median)", "ms")
@@ -287,20 +281,20 @@ def bench_ours(args, res: Results, stage, docs: dict[str, int], dsets: list, pro
         log.info("ours %s: resume worst median %.1f ms, build %.3f s", mode, worst, build_m.median)
 
 
-def profile_ours(args, stage, docs: dict[str, int], dsets: list) -> list[tuple[str, float, float]]:
+def profile_ours(args, stage, docs: dict[str, int], reader) -> list[tuple[str, float, float]]:
     """cProfile one end-to-end pass (exact mode): (function, share of total, cumulative s)."""
     from pipeline.sampler import MixtureSampler
 
     sampler = MixtureSampler(stage, docs, args.global_batch, args.total_steps, seed=args.seed, mode="exact")
     profiler = cProfile.Profile()
     profiler.enable()
-    run_ours_e2e(sampler, dsets, args.micro_batch, args.examples)
+    run_ours_e2e(sampler, reader, args.micro_batch, args.examples)
     profiler.disable()
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     total = max(ct for (_, _, _, ct, _) in stats.values())
     rows = []
     for (filename, line, name), (_, _, _, ct, _) in stats.items():
-        if "pipeline" in filename or name in ("fetch_texts", "__getitem__"):
+        if "pipeline" in filename or name in ("fetch_texts", "__getitem__", "read"):
             rows.append((f"{Path(filename).name}:{line}({name})", ct / total, ct))
     return sorted(rows, key=lambda r: -r[2])[:10]
 
@@ -603,10 +597,13 @@ def main(argv: list[str] | None = None) -> int:
         numpy=np.__version__, cpus=os.cpu_count(), when=time.strftime("%Y-%m-%d %H:%M"),
     )
     log.info("%d sources (%s); measuring ours", len(names), origin)
-    bench_ours(args, res, stage, docs, dsets, probs)
+    from pipeline.row_reader import RowReader
+
+    reader = RowReader(corpus, names)
+    bench_ours(args, res, stage, docs, reader, probs)
     log.info("measuring the interleave_datasets baselines")
     bench_baselines(args, res, dsets, probs)
-    profile = profile_ours(args, stage, docs, dsets) if args.profile else None
+    profile = profile_ours(args, stage, docs, reader) if args.profile else None
     ratios, goals = ratios_and_goals(args, res)
     res.info["wall_s"] = time.perf_counter() - started
 

@@ -226,3 +226,30 @@ def test_properties(sizes, tau, switch, batch, steps, seed, mode, split):
         counts = np.vstack([np.zeros(len(sizes)), np.cumsum(np.eye(len(sizes))[source], 0)])
         deviation = np.abs(counts - targets_at(sampler, positions)).max(0)
         assert (deviation <= sampler.allocator.error_bound() + 1e-9).all()
+
+
+def test_stochastic_chunks_blocks_and_tail_agree_with_the_stream(monkeypatch):
+    from pipeline.allocation import StochasticAllocator
+
+    monkeypatch.setattr(StochasticAllocator, "CHUNK", 1000)  # many chunks, also in the tail
+    sampler = make("stochastic", batch=24, steps=40)
+    sampler.allocator.block = 50
+    total = 24 * 40 + 3000  # 3000 positions past the planned run
+    source, _, draw = sampler.positions(0, total)
+    for k in [0, 49, 50, 51, 960, 999, 1000, 1001, 2500, 3959, total]:
+        np.testing.assert_array_equal(sampler.allocator.counts_at(k), np.bincount(source[:k], minlength=6))
+    for source_id in range(6):
+        np.testing.assert_array_equal(draw[source == source_id], np.arange((source == source_id).sum()))
+    fresh = make("stochastic", batch=24, steps=40)
+    fresh.allocator.block = 50
+    np.testing.assert_array_equal(fresh.positions(2500, 2600)[0], source[2500:2600])
+
+
+@pytest.mark.parametrize("mode", ["exact", "stochastic"])
+def test_resume_far_past_the_planned_run_is_fast(mode):
+    sampler = MixtureSampler(Compose([Cooldown()]), SIZES, global_batch_size=1024, total_steps=10**6,
+                             seed=2, mode=mode)
+    started = time.perf_counter()
+    counts = sampler.draw_counts(2 * 10**7)
+    assert counts.sum() == 2 * 10**7 * 1024
+    assert time.perf_counter() - started < 1.0
