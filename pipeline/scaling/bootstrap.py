@@ -1,9 +1,12 @@
 """Nonparametric bootstrap confidence intervals for a fitted law.
 
-Each replicate resamples the rows with replacement and refits by L-BFGS-B from the full fit's
-best parameters plus a few other distinct end points of its multi-start (``extra_starts``),
-keeping the best. Replicate b draws its rows from ``default_rng([seed, b])``, so the samples
-are the same whatever the number of processes. Intervals are percentile intervals of the
+Each replicate resamples the rows with replacement and refits from the full fit's best
+parameters plus a few other distinct end points of its multi-start (``extra_starts``),
+keeping the best. A resample is represented by row multiplicities (a weighted objective on
+the original rows, identical to fitting the resampled rows), so all replicates x starts of a
+process advance together in the batched L-BFGS (``pipeline.scaling.lbfgs``). Replicate b
+draws its rows from ``default_rng([seed, b])``, so the samples are the same whatever the
+number of processes. Intervals are percentile intervals of the
 public parameters (``A``, not ``log A``).
 
 Percentile bootstrap intervals assume the rows are exchangeable. Runs of one sweep that share
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.scaling.fit import FitResult, _run_starts, resolve_jobs
+from pipeline.scaling.fit import FitResult, _batched_starts, resolve_jobs
 
 __all__ = ["BootstrapResult", "bootstrap"]
 
@@ -71,17 +74,22 @@ class BootstrapResult:
         }
 
 
+def resample_counts(n: int, seed: int, b: int) -> np.ndarray:
+    """Row multiplicities ``(n,)`` of bootstrap replicate ``b``."""
+    idx = np.random.default_rng([seed, int(b)]).integers(0, n, size=n)
+    return np.bincount(idx, minlength=n).astype(float)
+
+
 def _replicates(law, X, y, delta, starts, seed, ids, maxiter, ftol, gtol):
-    n = len(y)
-    thetas, objs = [], []
-    for b in ids:
-        rng = np.random.default_rng([seed, int(b)])
-        idx = rng.integers(0, n, size=n)
-        outs = _run_starts(law, X[idx], y[idx], delta, starts, maxiter, ftol, gtol)
-        best = min(outs, key=lambda o: o.fun)
-        thetas.append(best.theta)
-        objs.append(best.fun)
-    return np.array(thetas), np.array(objs)
+    n, k = len(y), len(starts)
+    counts = np.stack([resample_counts(n, seed, b) for b in ids])  # (R, n)
+    weights = np.repeat(counts, k, axis=0)  # (R * k, n), replicate-major
+    x0 = np.tile(starts, (len(ids), 1))
+    x, fun, _ = _batched_starts(law, X, y, delta, x0, weights, maxiter, ftol, gtol)
+    fun = np.where(np.isfinite(fun), fun, np.inf).reshape(len(ids), k)
+    best = np.argmin(fun, axis=1)
+    rows = np.arange(len(ids)) * k + best
+    return x[rows], fun[np.arange(len(ids)), best]
 
 
 def bootstrap(

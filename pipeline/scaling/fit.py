@@ -13,9 +13,15 @@ The optimiser sees ``f / (n * delta_s)`` with ``delta_s = min(delta, 1)``: the s
 but of order |r| rather than 1e-5, so L-BFGS-B's relative tolerances mean something. Reported
 objectives are always the unscaled ``f``.
 
-Every start of ``law.init_grid`` is run to convergence; the best is kept. Starts run in
-parallel over processes when there are many (``n_jobs``), in contiguous chunks, and the
-result does not depend on ``n_jobs``.
+Every start of ``law.init_grid`` is run to convergence; the best is kept. Two engines:
+
+* ``method="batched"`` (default): all starts advance together in a vectorised projected
+  L-BFGS (``pipeline.scaling.lbfgs``), chunked over processes when ``n_jobs > 1``; then the
+  few best distinct end points are polished with scipy's L-BFGS-B and the best is kept.
+* ``method="scipy"``: one ``scipy.optimize.minimize(method="L-BFGS-B")`` call per start
+  (the reference; ~10x slower on a 4^5 grid).
+
+The result does not depend on ``n_jobs``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from pipeline.scaling.laws import ScalingLaw
+from pipeline.scaling.lbfgs import batched_lbfgs
 
 __all__ = ["FitResult", "fit_law", "huber", "objective", "resolve_jobs"]
 
@@ -94,6 +101,44 @@ def _run_starts(law, X, y, delta, starts, maxiter, ftol, gtol) -> list[_StartOut
     return out
 
 
+def _box(law):
+    bounds = law.bounds()
+    lo = np.array([b[0] if b[0] is not None else -np.inf for b in bounds], dtype=float)
+    hi = np.array([b[1] if b[1] is not None else np.inf for b in bounds], dtype=float)
+    return lo, hi
+
+
+def _batched_starts(law, X, y, delta, starts, weights, maxiter, ftol, gtol):
+    """Batched L-BFGS on ``starts (B, p)``; ``weights (B, n)`` row multiplicities or None.
+
+    Returns ``(x (B, p), unscaled objective (B,), converged (B,))``.
+    """
+    logy = np.log(y)
+    scale = 1.0 / (len(y) * min(delta, 1.0))
+
+    def fun_grad(th, ids):
+        lp, jac = law.log_predict_and_jac_batch(th, X)
+        r = lp - logy[None, :]
+        h = huber(r, delta)
+        hg = _huber_grad(r, delta)
+        if weights is not None:
+            w = weights[ids]
+            h = h * w
+            hg = hg * w
+        f = scale * h.sum(axis=1)
+        g = scale * np.einsum("bn,bnp->bp", hg, jac)
+        return f, g
+
+    lo, hi = _box(law)
+    res = batched_lbfgs(fun_grad, starts, lo, hi, maxiter=maxiter, ftol=ftol, gtol=gtol)
+    return res.x, res.fun / scale, res.converged
+
+
+def _batched_chunk(law, X, y, delta, starts, maxiter, ftol, gtol):
+    x, fun, conv = _batched_starts(law, X, y, delta, starts, None, maxiter, ftol, gtol)
+    return [_StartOut(x[i], float(fun[i]), bool(conv[i]), 0) for i in range(len(x))]
+
+
 def resolve_jobs(n_jobs: int | None) -> int:
     """``None`` or ``<= 0`` -> all usable cores."""
     if n_jobs is None or n_jobs <= 0:
@@ -104,15 +149,16 @@ def resolve_jobs(n_jobs: int | None) -> int:
     return int(n_jobs)
 
 
-def run_starts_parallel(law, X, y, delta, starts, *, n_jobs, maxiter, ftol, gtol, min_per_job=32):
-    """Run L-BFGS-B from each row of ``starts``; chunks over processes when worthwhile."""
+def run_starts_parallel(law, X, y, delta, starts, *, n_jobs, maxiter, ftol, gtol, method="batched", min_per_job=64):
+    """Optimise from each row of ``starts``; chunks over processes when worthwhile."""
     starts = np.asarray(starts, dtype=float)
+    worker = _batched_chunk if method == "batched" else _run_starts
     jobs = min(resolve_jobs(n_jobs), max(1, len(starts) // min_per_job))
     if jobs <= 1:
-        return _run_starts(law, X, y, delta, starts, maxiter, ftol, gtol)
+        return worker(law, X, y, delta, starts, maxiter, ftol, gtol)
     chunks = np.array_split(starts, jobs)
     with ProcessPoolExecutor(max_workers=jobs) as ex:
-        futs = [ex.submit(_run_starts, law, X, y, delta, c, maxiter, ftol, gtol) for c in chunks]
+        futs = [ex.submit(worker, law, X, y, delta, c, maxiter, ftol, gtol) for c in chunks]
         return [o for f in futs for o in f.result()]
 
 
@@ -184,6 +230,8 @@ def fit_law(
     grid_size: int = 4,
     starts: np.ndarray | None = None,
     n_jobs: int | None = 1,
+    method: str = "batched",
+    polish: int = 3,
     maxiter: int = 1000,
     ftol: float = 1e-12,
     gtol: float = 1e-9,
@@ -199,6 +247,10 @@ def fit_law(
         grid_size: values per grid axis for ``law.init_grid`` (ignored if ``starts``).
         starts: explicit internal start points ``(k, num_params)``.
         n_jobs: processes for the starts (``None`` = all cores; 1 = in process).
+        method: ``"batched"`` (vectorised L-BFGS over all starts, then scipy L-BFGS-B
+            polishing of the ``polish`` best distinct end points) or ``"scipy"`` (one
+            L-BFGS-B call per start).
+        polish: end points polished with scipy in the batched method.
         maxiter, ftol, gtol: L-BFGS-B options (on the scaled objective).
 
     Raises:
@@ -213,10 +265,17 @@ def fit_law(
     starts = np.atleast_2d(np.asarray(starts, dtype=float))
     if starts.shape[1] != law.num_params:
         raise ValueError(f"starts must have {law.num_params} columns ({law.theta_names}), got {starts.shape[1]}")
-    outs = run_starts_parallel(law, X, y, delta, starts, n_jobs=n_jobs, maxiter=maxiter, ftol=ftol, gtol=gtol)
+    if method not in ("batched", "scipy"):
+        raise ValueError(f"method must be 'batched' or 'scipy', got {method!r}")
+    outs = run_starts_parallel(
+        law, X, y, delta, starts, n_jobs=n_jobs, maxiter=maxiter, ftol=ftol, gtol=gtol, method=method
+    )
     objs = np.array([o.fun for o in outs])
-    best = int(np.nanargmin(objs))
-    theta = outs[best].theta
+    cands = outs
+    if method == "batched" and polish > 0:
+        polished = _run_starts(law, X, y, delta, _distinct_top(outs, polish), maxiter, ftol, gtol)
+        cands = outs + polished
+    theta = min(cands, key=lambda o: o.fun if np.isfinite(o.fun) else np.inf).theta
     res = FitResult(
         law=law,
         theta=theta,
@@ -227,7 +286,7 @@ def fit_law(
         num_starts=len(outs),
         num_converged=sum(o.success for o in outs),
         start_objectives=objs,
-        top_thetas=_distinct_top(outs, 8),
+        top_thetas=_distinct_top(cands, 8),
         seconds=time.perf_counter() - t0,
     )
     log.info(

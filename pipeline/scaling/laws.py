@@ -108,6 +108,14 @@ class ScalingLaw:
         lse, w = _lse_and_softmax(terms)
         return lse, np.einsum("nk,nkp->np", w, dterms)
 
+    def log_predict_and_jac_batch(self, thetas: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Many parameter vectors at once: ``thetas (B, p)`` -> ``(log L (B, n), jac (B, n, p))``.
+
+        The default loops over B; laws on the hot path override it with array code.
+        """
+        outs = [self.log_predict_and_jac(t, X) for t in np.asarray(thetas, dtype=float)]
+        return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs])
+
     def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
         """Predicted loss ``(n,)`` for internal parameters ``theta``."""
         return np.exp(self.log_predict(theta, X))
@@ -187,6 +195,17 @@ class PowerLaw(ScalingLaw):
         d[:, 1, 2] = 1.0
         return terms, d
 
+    def log_predict_and_jac_batch(self, thetas, X):
+        a, alpha, e = (thetas[:, i : i + 1] for i in range(3))
+        lx = np.log(X[:, 0])[None, :]
+        t1 = a - alpha * lx
+        m = np.maximum(t1, e)
+        e1, e2 = np.exp(t1 - m), np.exp(e - m)
+        s = e1 + e2
+        w1 = e1 / s
+        jac = np.stack([w1, -w1 * lx, e2 / s], axis=2)
+        return m + np.log(s), jac
+
     def bounds(self):
         return [(-20.0, 60.0), (0.0, 3.0), (-5.0, 3.0)]
 
@@ -245,6 +264,18 @@ class ChinchillaLaw(ScalingLaw):
         w1, w2, w3 = e1 / s, e2 / s, e3 / s
         jac = np.stack([w1, w2, w3, -w1 * ln, -w2 * ld], axis=1)
         return lse, jac
+
+    def log_predict_and_jac_batch(self, thetas, X):
+        a, b, e, alpha, beta = (thetas[:, i : i + 1] for i in range(5))
+        ln, ld = np.log(X[:, 0])[None, :], np.log(X[:, 1])[None, :]
+        t1 = a - alpha * ln
+        t2 = b - beta * ld
+        m = np.maximum(np.maximum(t1, t2), e)
+        e1, e2, e3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(e - m)
+        s = e1 + e2 + e3
+        w1, w2, w3 = e1 / s, e2 / s, e3 / s
+        jac = np.stack([w1, w2, w3, -w1 * ln, -w2 * ld], axis=2)
+        return m + np.log(s), jac
 
     def bounds(self):
         return [(-20.0, 60.0), (-20.0, 60.0), (-5.0, 3.0), (0.0, 3.0), (0.0, 3.0)]
@@ -447,6 +478,16 @@ class MixingLaw(ScalingLaw):
         jac = np.empty((X.shape[0], self.num_params))
         jac[:, 0] = e2 / s
         jac[:, 1:] = w1[:, None] * X
+        return m + np.log(s), jac
+
+    def log_predict_and_jac_batch(self, thetas, X):
+        t1 = thetas[:, 1:] @ X.T  # (B, n)
+        e = thetas[:, :1]
+        m = np.maximum(t1, e)
+        e1, e2 = np.exp(t1 - m), np.exp(e - m)
+        s = e1 + e2
+        w1 = e1 / s
+        jac = np.concatenate([(e2 / s)[:, :, None], w1[:, :, None] * X[None, :, :]], axis=2)
         return m + np.log(s), jac
 
     def bounds(self):
