@@ -41,23 +41,39 @@ class RowReader:
             self._views[kind] = members[0] if len(members) == 1 else datasets.concatenate_datasets(members)
         return self._views[kind]
 
+    def read_columns(self, source_ids: np.ndarray, rows: np.ndarray) -> dict[str, list[Any]]:
+        """{column: values in input order} for (source_ids (K,), rows (K,)); all rows must be
+        of one kind (one schema)."""
+        source_ids = np.asarray(source_ids, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        self._check(source_ids, rows)
+        kinds = {self.kinds[i] for i in np.unique(source_ids).tolist()}
+        if len(kinds) > 1:
+            raise ValueError(f"read_columns needs rows of one kind, got {sorted(kinds)}")
+        if not len(rows):
+            return {}
+        return self._view(kinds.pop())[(self.offsets[source_ids] + rows).tolist()]
+
     def read(self, source_ids: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
         """Rows (dicts of column values) for (source_ids (K,), rows (K,)), in input order."""
         source_ids = np.asarray(source_ids, dtype=np.int64)
         rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and ((rows < 0).any() or (rows >= self.sizes[source_ids]).any()):
-            bad = int(np.flatnonzero((rows < 0) | (rows >= self.sizes[source_ids]))[0])
-            name = self.sources[int(source_ids[bad])]
-            raise ValueError(f"row {int(rows[bad])} out of range for source {name!r} ({int(self.sizes[source_ids[bad]])} rows)")
+        self._check(source_ids, rows)
         out: list[dict[str, Any] | None] = [None] * len(rows)
         kinds = np.array(self.kinds, dtype=object)[source_ids] if len(rows) else np.array([])
         for kind in set(kinds.tolist()):
             positions = np.flatnonzero(kinds == kind)
-            columns = self._view(kind)[(self.offsets[source_ids[positions]] + rows[positions]).tolist()]
-            names = list(columns)
+            columns = self.read_columns(source_ids[positions], rows[positions])
             for j, position in enumerate(positions.tolist()):
-                out[position] = {name: columns[name][j] for name in names}
+                out[position] = {name: values[j] for name, values in columns.items()}
         return out  # type: ignore[return-value]
+
+    def _check(self, source_ids: np.ndarray, rows: np.ndarray) -> None:
+        if rows.size and ((rows < 0).any() or (rows >= self.sizes[source_ids]).any()):
+            bad = int(np.flatnonzero((rows < 0) | (rows >= self.sizes[source_ids]))[0])
+            name = self.sources[int(source_ids[bad])]
+            raise ValueError(f"row {int(rows[bad])} out of range for source {name!r} "
+                             f"({int(self.sizes[source_ids[bad]])} rows)")
 
     def __getstate__(self):  # views re-open lazily in dataloader workers
         state = dict(self.__dict__)

@@ -239,14 +239,27 @@ class RankBatchSampler:
         steps = self.sampler.total_steps if self.num_steps is None else int(self.num_steps)
         return steps * self.accumulation
 
+    # Positions generated per call: the allocators' per-call cost is fixed (a tree walk,
+    # a permutation pass), so small global batches are generated a window at a time.
+    WINDOW_SAMPLES = 1 << 16
+
     def __iter__(self) -> Iterator[MicroBatch]:
-        for step in self.steps():
-            batch = self.sampler.rank_slice(step, self.rank, self.world_size)
-            triples = [(s, i, step) for s, i in zip(batch.source.tolist(), batch.index.tolist(), strict=True)]
-            for micro in range(self.accumulation):
-                size = self.micro_batch_size
-                yield MicroBatch(triples[micro * size:(micro + 1) * size],
-                                 step_items=triples if micro == 0 else None)
+        steps = self.steps()
+        batch = self.sampler.global_batch_size
+        per_rank = batch // self.world_size
+        window = max(1, self.WINDOW_SAMPLES // batch)
+        size = self.micro_batch_size
+        for first in range(steps.start, steps.stop, window):
+            count = min(window, steps.stop - first)
+            source, index, _ = self.sampler.positions(first * batch, (first + count) * batch)
+            for offset in range(count):
+                step = first + offset
+                lo = offset * batch + self.rank * per_rank
+                triples = [(s, i, step) for s, i in
+                           zip(source[lo:lo + per_rank].tolist(), index[lo:lo + per_rank].tolist(), strict=True)]
+                for micro in range(self.accumulation):
+                    yield MicroBatch(triples[micro * size:(micro + 1) * size],
+                                     step_items=triples if micro == 0 else None)
 
 
 class MicroBatch(list):

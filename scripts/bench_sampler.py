@@ -186,10 +186,10 @@ def load_corpus(args: argparse.Namespace):
 
 # -- ours -----------------------------------------------------------------------------------
 def fetch_texts(micro: list[tuple[int, int, int]], reader) -> list[str]:
-    """The pipeline's row path without tokenising: `RowReader.read` (one Arrow take per kind)."""
+    """The pipeline's row path without tokenising: one Arrow take (`RowReader.read_columns`)."""
     sources = np.fromiter((s for s, _, _ in micro), dtype=np.int64, count=len(micro))
     rows = np.fromiter((i for _, i, _ in micro), dtype=np.int64, count=len(micro))
-    return [record["text"] for record in reader.read(sources, rows)]
+    return reader.read_columns(sources, rows)["text"]
 
 
 def run_ours_e2e(sampler, reader, micro_batch: int, examples: int) -> tuple[float, float, float, np.ndarray]:
