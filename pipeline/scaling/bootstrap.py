@@ -136,7 +136,9 @@ def bootstrap(
         thetas, objs = _replicates(*args, ids, *opts)
     else:
         with ProcessPoolExecutor(max_workers=jobs) as ex:
-            futs = [ex.submit(_replicates, *args, chunk, *opts) for chunk in np.array_split(ids, jobs)]
+            futs = [
+                ex.submit(_replicates, *args, chunk, *opts) for chunk in np.array_split(ids, jobs)
+            ]
             parts = [f.result() for f in futs]
         thetas = np.vstack([p[0] for p in parts])
         objs = np.concatenate([p[1] for p in parts])

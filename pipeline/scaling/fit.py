@@ -55,7 +55,9 @@ def _huber_grad(r: np.ndarray, delta: float) -> np.ndarray:
     return np.clip(r, -delta, delta)
 
 
-def objective(law: ScalingLaw, theta: np.ndarray, X: np.ndarray, y: np.ndarray, delta: float = DEFAULT_DELTA) -> float:
+def objective(
+    law: ScalingLaw, theta: np.ndarray, X: np.ndarray, y: np.ndarray, delta: float = DEFAULT_DELTA
+) -> float:
     """Unscaled objective ``sum huber_delta(log L_hat - log y)`` at internal ``theta``."""
     r = law.log_predict(np.asarray(theta, dtype=float), X) - np.log(y)
     return float(np.sum(huber(r, delta)))
@@ -97,7 +99,14 @@ def _run_starts(law, X, y, delta, starts, maxiter, ftol, gtol) -> list[_StartOut
             bounds=bounds,
             options={"maxiter": maxiter, "ftol": ftol, "gtol": gtol},
         )
-        out.append(_StartOut(np.asarray(res.x, dtype=float), float(res.fun) / scale, bool(res.success), int(res.nit)))
+        out.append(
+            _StartOut(
+                np.asarray(res.x, dtype=float),
+                float(res.fun) / scale,
+                bool(res.success),
+                int(res.nit),
+            )
+        )
     return out
 
 
@@ -149,7 +158,9 @@ def resolve_jobs(n_jobs: int | None) -> int:
     return int(n_jobs)
 
 
-def run_starts_parallel(law, X, y, delta, starts, *, n_jobs, maxiter, ftol, gtol, method="batched", min_per_job=64):
+def run_starts_parallel(
+    law, X, y, delta, starts, *, n_jobs, maxiter, ftol, gtol, method="batched", min_per_job=64
+):
     """Optimise from each row of ``starts``; chunks over processes when worthwhile."""
     starts = np.asarray(starts, dtype=float)
     worker = _batched_chunk if method == "batched" else _run_starts
@@ -264,11 +275,22 @@ def fit_law(
         starts = law.init_grid(grid_size, X, y)
     starts = np.atleast_2d(np.asarray(starts, dtype=float))
     if starts.shape[1] != law.num_params:
-        raise ValueError(f"starts must have {law.num_params} columns ({law.theta_names}), got {starts.shape[1]}")
+        raise ValueError(
+            f"starts must have {law.num_params} columns ({law.theta_names}), got {starts.shape[1]}"
+        )
     if method not in ("batched", "scipy"):
         raise ValueError(f"method must be 'batched' or 'scipy', got {method!r}")
     outs = run_starts_parallel(
-        law, X, y, delta, starts, n_jobs=n_jobs, maxiter=maxiter, ftol=ftol, gtol=gtol, method=method
+        law,
+        X,
+        y,
+        delta,
+        starts,
+        n_jobs=n_jobs,
+        maxiter=maxiter,
+        ftol=ftol,
+        gtol=gtol,
+        method=method,
     )
     objs = np.array([o.fun for o in outs])
     cands = outs
@@ -291,6 +313,11 @@ def fit_law(
     )
     log.info(
         "fitted %s law on %d points: objective %.6g, %d/%d starts converged, %.2fs",
-        law.name, res.num_points, res.objective, res.num_converged, res.num_starts, res.seconds,
+        law.name,
+        res.num_points,
+        res.objective,
+        res.num_converged,
+        res.num_starts,
+        res.seconds,
     )
     return res

@@ -66,20 +66,28 @@ def read_tables(paths: Sequence[str | Path], on: str | None = None) -> pd.DataFr
     for p, f in zip(paths[1:], frames[1:], strict=True):
         for name, fr in ((paths[0], out), (p, f)):
             if on not in fr.columns:
-                raise ValueError(f"{name}: join column {on!r} not found; available: {list(fr.columns)}")
+                raise ValueError(
+                    f"{name}: join column {on!r} not found; available: {list(fr.columns)}"
+                )
         out = out.merge(f, on=on, how="inner", suffixes=("", f"@{p.stem}"))
     return out
 
 
-def _numeric(df: pd.DataFrame, col: str, flag: str, name: str, positive: bool, role: str) -> np.ndarray:
+def _numeric(
+    df: pd.DataFrame, col: str, flag: str, name: str, positive: bool, role: str
+) -> np.ndarray:
     if col not in df.columns:
-        raise ValueError(f"{name}: column {col!r} ({flag}) not found; available columns: {list(df.columns)}")
+        raise ValueError(
+            f"{name}: column {col!r} ({flag}) not found; available columns: {list(df.columns)}"
+        )
     raw = df[col]
     vals = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
     bad = np.isnan(vals) & raw.notna().to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name}: column {col!r} ({role}) row {i} has non-numeric value {raw.iloc[i]!r}")
+        raise ValueError(
+            f"{name}: column {col!r} ({role}) row {i} has non-numeric value {raw.iloc[i]!r}"
+        )
     missing = ~np.isfinite(vals)
     if missing.any():
         rows = np.flatnonzero(missing)
@@ -91,7 +99,9 @@ def _numeric(df: pd.DataFrame, col: str, flag: str, name: str, positive: bool, r
         bad = vals <= 0
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{name}: column {col!r} ({role}) must be > 0, row {i} has {vals[i]!r}")
+            raise ValueError(
+                f"{name}: column {col!r} ({role}) must be > 0, row {i} has {float(vals[i])!r}"
+            )
     return vals
 
 
@@ -144,7 +154,9 @@ def table_from_frame(
             D = C / (flops_per_param_token * N)
             cols["C"] = c_col
         else:
-            raise ValueError("the chinchilla law needs --d-col (tokens) or --c-col (FLOPs, D = C / (6 N))")
+            raise ValueError(
+                "the chinchilla law needs --d-col (tokens) or --c-col (FLOPs, D = C / (6 N))"
+            )
         X = np.stack([N, D], axis=1)
         model = ChinchillaLaw()
     elif law == "multilingual":
@@ -156,9 +168,13 @@ def table_from_frame(
         big = w > 1
         if big.any():
             i = int(np.flatnonzero(big)[0])
-            raise ValueError(f"{name}: column {w_col!r} (mixture weight) must be in (0, 1], row {i} has {w[i]!r}")
+            raise ValueError(
+                f"{name}: column {w_col!r} (mixture weight) must be in (0, 1], row {i} has {float(w[i])!r}"
+            )
         if source_col not in df.columns:
-            raise ValueError(f"{name}: column {source_col!r} (--source-col) not found; available columns: {list(df.columns)}")
+            raise ValueError(
+                f"{name}: column {source_col!r} (--source-col) not found; available columns: {list(df.columns)}"
+            )
         src = df[source_col]
         if src.isna().any():
             i = int(np.flatnonzero(src.isna().to_numpy())[0])
@@ -171,7 +187,11 @@ def table_from_frame(
     else:
         mixture_cols = list(_need(mixture_cols, "--mixture-cols or --mixture-prefix", law))
         X = np.stack(
-            [_numeric(df, c, "--mixture-cols", name, False, "mixture proportion") for c in mixture_cols], axis=1
+            [
+                _numeric(df, c, "--mixture-cols", name, False, "mixture proportion")
+                for c in mixture_cols
+            ],
+            axis=1,
         )
         cols["mixture"] = mixture_cols
         model = MixingLaw(mixture_cols)

@@ -102,13 +102,17 @@ class ScalingLaw:
         terms, _ = self._terms(np.asarray(theta, dtype=float), X)
         return logsumexp(terms, axis=1)
 
-    def log_predict_and_jac(self, theta: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def log_predict_and_jac(
+        self, theta: np.ndarray, X: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(log L (n,), d log L / d theta (n, p))``."""
         terms, dterms = self._terms(np.asarray(theta, dtype=float), X)
         lse, w = _lse_and_softmax(terms)
         return lse, np.einsum("nk,nkp->np", w, dterms)
 
-    def log_predict_and_jac_batch(self, thetas: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def log_predict_and_jac_batch(
+        self, thetas: np.ndarray, X: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Many parameter vectors at once: ``thetas (B, p)`` -> ``(log L (B, n), jac (B, n, p))``.
 
         The default loops over B; laws on the hot path override it with array code.
@@ -123,7 +127,9 @@ class ScalingLaw:
     def predict_public(self, params: dict[str, float], X: np.ndarray) -> np.ndarray:
         return self.predict(self.from_public(params), X)
 
-    def check_inputs(self, X: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def check_inputs(
+        self, X: np.ndarray, y: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Shape and domain checks; raises ``ValueError`` naming the input and the value."""
         X = np.asarray(X, dtype=float)
         if X.ndim == 1 and len(self.input_names) == 1:
@@ -137,7 +143,9 @@ class ScalingLaw:
             bad = ~np.isfinite(X[:, j])
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"input {col!r} has a non-finite value {X[i, j]!r} at row {i}")
+                raise ValueError(
+                    f"input {col!r} has a non-finite value {float(X[i, j])!r} at row {i}"
+                )
         self._check_domain(X)
         if y is not None:
             y = np.asarray(y, dtype=float).reshape(-1)
@@ -147,7 +155,7 @@ class ScalingLaw:
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 raise ValueError(
-                    f"loss must be finite and > 0 (log-space fit), got {y[i]!r} at row {i} "
+                    f"loss must be finite and > 0 (log-space fit), got {float(y[i])!r} at row {i} "
                     f"({int(bad.sum())} bad rows)"
                 )
             if X.shape[0] <= self.num_params:
@@ -162,7 +170,7 @@ class ScalingLaw:
             bad = X[:, j] <= 0
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"input {col!r} must be > 0, got {X[i, j]!r} at row {i}")
+                raise ValueError(f"input {col!r} must be > 0, got {float(X[i, j])!r} at row {i}")
 
     def spec(self) -> dict:
         """JSON-able description, inverse of ``law_from_spec``."""
@@ -282,7 +290,13 @@ class ChinchillaLaw(ScalingLaw):
 
     def grid_axes(self, size, X, y):
         if size == 1:
-            return [np.array([6.0]), np.array([7.0]), np.array([0.5]), np.array([0.34]), np.array([0.28])]
+            return [
+                np.array([6.0]),
+                np.array([7.0]),
+                np.array([0.5]),
+                np.array([0.34]),
+                np.array([0.28]),
+            ]
         return [
             np.linspace(0.0, 25.0, size),
             np.linspace(0.0, 25.0, size),
@@ -359,16 +373,20 @@ class MultilingualLaw(ScalingLaw):
         S = len(self.sources)
         if (X[:, 0] <= 0).any():
             i = int(np.flatnonzero(X[:, 0] <= 0)[0])
-            raise ValueError(f"input 'N' must be > 0, got {X[i, 0]!r} at row {i}")
+            raise ValueError(f"input 'N' must be > 0, got {float(X[i, 0])!r} at row {i}")
         bad = (X[:, 1] <= 0) | (X[:, 1] > 1)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"input 'w' (mixture weight) must be in (0, 1], got {X[i, 1]!r} at row {i}")
+            raise ValueError(
+                f"input 'w' (mixture weight) must be in (0, 1], got {float(X[i, 1])!r} at row {i}"
+            )
         src = X[:, 2]
         bad = (src != np.round(src)) | (src < 0) | (src >= S)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"input 'source' must be an index in [0, {S}), got {src[i]!r} at row {i}")
+            raise ValueError(
+                f"input 'source' must be an index in [0, {S}), got {float(src[i])!r} at row {i}"
+            )
 
     def _terms(self, theta, X):
         S = len(self.sources)
@@ -386,6 +404,28 @@ class MultilingualLaw(ScalingLaw):
         d[rows, 0, 2 + 3 * idx] = -alpha * lw
         d[rows, 1, 3 + 3 * idx] = 1.0
         return terms, d
+
+    def log_predict_and_jac_batch(self, thetas, X):
+        S = len(self.sources)
+        B, n = thetas.shape[0], X.shape[0]
+        alpha = thetas[:, :1]
+        per = thetas[:, 1:].reshape(B, S, 3)
+        idx = X[:, 2].astype(int)
+        ln, lw = np.log(X[:, 0])[None, :], np.log(X[:, 1])[None, :]
+        b, g, e = per[:, idx, 0], per[:, idx, 1], per[:, idx, 2]
+        z = ln + g * lw
+        t1 = b - alpha * z
+        m = np.maximum(t1, e)
+        e1, e2 = np.exp(t1 - m), np.exp(e - m)
+        s = e1 + e2
+        w1, w2 = e1 / s, e2 / s
+        jac = np.zeros((B, n, self.num_params))
+        rows = np.arange(n)
+        jac[:, :, 0] = -w1 * z
+        jac[:, rows, 1 + 3 * idx] = w1
+        jac[:, rows, 2 + 3 * idx] = -w1 * alpha * lw
+        jac[:, rows, 3 + 3 * idx] = w2
+        return m + np.log(s), jac
 
     def bounds(self):
         return [(0.0, 3.0)] + [(-20.0, 60.0), (0.0, 2.0), (-5.0, 3.0)] * len(self.sources)
@@ -417,7 +457,11 @@ class MultilingualLaw(ScalingLaw):
     def from_public(self, params):
         th = [params["alpha"]]
         for s in self.sources:
-            th += [np.log(params[f"beta[{s}]"]), params[f"gamma[{s}]"], np.log(params[f"L_inf[{s}]"])]
+            th += [
+                np.log(params[f"beta[{s}]"]),
+                params[f"gamma[{s}]"],
+                np.log(params[f"L_inf[{s}]"]),
+            ]
         return np.array(th, dtype=float)
 
     def spec(self):
@@ -453,12 +497,16 @@ class MixingLaw(ScalingLaw):
         bad = X < 0
         if bad.any():
             i, j = (int(v) for v in np.argwhere(bad)[0])
-            raise ValueError(f"mixture proportion {self.input_names[j]!r} must be >= 0, got {X[i, j]!r} at row {i}")
+            raise ValueError(
+                f"mixture proportion {self.input_names[j]!r} must be >= 0, got {float(X[i, j])!r} at row {i}"
+            )
         s = X.sum(axis=1)
         bad = np.abs(s - 1.0) > 0.05
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"mixture proportions must sum to 1 (+-0.05), row {i} sums to {s[i]!r}")
+            raise ValueError(
+                f"mixture proportions must sum to 1 (+-0.05), row {i} sums to {float(s[i])!r}"
+            )
 
     def _terms(self, theta, X):
         n = X.shape[0]

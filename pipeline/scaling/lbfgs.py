@@ -94,7 +94,9 @@ def batched_lbfgs(
         yy = np.sum(Ya[:, -1] * Ya[:, -1], axis=1)
         sy = np.sum(Sa[:, -1] * Ya[:, -1], axis=1)
         gnorm = np.linalg.norm(ga * free, axis=1)
-        gamma = np.where(ra[:, -1] > 0, sy / np.where(yy > 0, yy, 1.0), 1.0 / np.maximum(gnorm, 1.0))
+        gamma = np.where(
+            ra[:, -1] > 0, sy / np.where(yy > 0, yy, 1.0), 1.0 / np.maximum(gnorm, 1.0)
+        )
         r = gamma[:, None] * q
         for i in range(m):
             beta = ra[:, i] * np.sum(Ya[:, i] * r, axis=1)
@@ -137,7 +139,9 @@ def batched_lbfgs(
             rho[first] = 0.0
             stop = fail[np.isin(fail, first, invert=True)]
             active[stop] = False
-            converged[stop] = np.max(np.abs(_projected_grad(x[stop], g[stop], lo, hi)), axis=1) <= 1e3 * gtol
+            converged[stop] = (
+                np.max(np.abs(_projected_grad(x[stop], g[stop], lo, hi)), axis=1) <= 1e3 * gtol
+            )
         okA = A[ls_ok]
         if okA.size == 0:
             continue

@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 
-def epoch_caps(tokens: Sequence[float], budget: float, max_epochs: float | Sequence[float]) -> np.ndarray:
+def epoch_caps(
+    tokens: Sequence[float], budget: float, max_epochs: float | Sequence[float]
+) -> np.ndarray:
     """``cap_j = max_epochs_j * tokens_j / budget`` (all in tokens); capped at 1."""
     tokens = np.asarray(tokens, dtype=float)
     ep = np.broadcast_to(np.asarray(max_epochs, dtype=float), tokens.shape)
@@ -126,13 +128,22 @@ def optimise_mixture(
 
     rng = np.random.default_rng(seed)
     starts = [project_capped_simplex(np.full(M, 1.0 / M), caps)]
-    starts += [project_capped_simplex(rng.dirichlet(np.ones(M)), caps) for _ in range(max(num_starts - 1, 0))]
+    starts += [
+        project_capped_simplex(rng.dirichlet(np.ones(M)), caps)
+        for _ in range(max(num_starts - 1, 0))
+    ]
     cons = [{"type": "eq", "fun": lambda r: np.sum(r) - 1.0, "jac": lambda r: np.ones_like(r)}]
     bounds = list(zip(np.zeros(M), caps, strict=True))
     best = None
     for x0 in starts:
-        res = minimize(f, x0, method="SLSQP", bounds=bounds, constraints=cons,
-                       options={"maxiter": 500, "ftol": 1e-12})
+        res = minimize(
+            f,
+            x0,
+            method="SLSQP",
+            bounds=bounds,
+            constraints=cons,
+            options={"maxiter": 500, "ftol": 1e-12},
+        )
         r = project_capped_simplex(np.asarray(res.x), caps)
         val = f(r)
         if best is None or val < best[1]:
@@ -167,7 +178,9 @@ def mixing_loss_fn(fits: Sequence[FitResult]) -> Callable[[np.ndarray], np.ndarr
     return loss
 
 
-def multilingual_loss_fn(fit: FitResult, N: float, floor: float = 1e-9) -> Callable[[np.ndarray], np.ndarray]:
+def multilingual_loss_fn(
+    fit: FitResult, N: float, floor: float = 1e-9
+) -> Callable[[np.ndarray], np.ndarray]:
     """``r -> [L_i(N, r_i) for each source]`` from a fitted ``MultilingualLaw`` at model size N.
 
     ``r_i`` is floored at ``floor`` (the law diverges at zero weight when gamma_i > 0).

@@ -29,7 +29,9 @@ def _check_budget(C, k):
     return C
 
 
-def chinchilla_optimal(params: dict[str, float], C, k: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
+def chinchilla_optimal(
+    params: dict[str, float], C, k: float = 6.0
+) -> tuple[np.ndarray, np.ndarray]:
     """``(N_opt, D_opt)`` for budgets ``C`` (FLOPs; scalar or array) under ``C = k N D``."""
     C = _check_budget(C, k)
     A, B, alpha, beta = params["A"], params["B"], params["alpha"], params["beta"]
@@ -61,13 +63,19 @@ def compute_optimal_numeric(
     grid = np.linspace(lo, hi, 64)
     vals = [f(g) for g in grid]
     i = int(np.argmin(vals))
-    res = minimize_scalar(f, bounds=(grid[max(i - 1, 0)], grid[min(i + 1, 63)]), method="bounded",
-                          options={"xatol": 1e-10})
+    res = minimize_scalar(
+        f,
+        bounds=(grid[max(i - 1, 0)], grid[min(i + 1, 63)]),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
     n = float(np.exp(res.x))
     return n, C / (k * n), float(res.fun)
 
 
-def frontier(samples_params: list[dict[str, float]], C: np.ndarray, k: float = 6.0, level: float = 0.95) -> dict:
+def frontier(
+    samples_params: list[dict[str, float]], C: np.ndarray, k: float = 6.0, level: float = 0.95
+) -> dict:
     """Optimal N and D over budgets ``C`` with percentile bands over bootstrap parameter sets.
 
     Args:

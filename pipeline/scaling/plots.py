@@ -42,7 +42,13 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_fit(fit: FitResult, X: np.ndarray, y: np.ndarray, path: str | Path, boot: BootstrapResult | None = None) -> Path:
+def plot_fit(
+    fit: FitResult,
+    X: np.ndarray,
+    y: np.ndarray,
+    path: str | Path,
+    boot: BootstrapResult | None = None,
+) -> Path:
     """Data and fitted curves (with bootstrap bands when ``boot`` is given)."""
     law, X, y = fit.law, np.asarray(X, dtype=float), np.asarray(y, dtype=float)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -120,7 +126,9 @@ def plot_frontier(
 ) -> Path:
     """Compute-optimal N and D against the budget C (Chinchilla law), with bootstrap bands."""
     if fit.law.name != "chinchilla":
-        raise ValueError(f"the optimal-allocation frontier needs the chinchilla law, not {fit.law.name!r}")
+        raise ValueError(
+            f"the optimal-allocation frontier needs the chinchilla law, not {fit.law.name!r}"
+        )
     if C is None:
         if X is not None:
             c_obs = k * X[:, 0] * X[:, 1]
