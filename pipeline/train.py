@@ -78,10 +78,12 @@ def train(cfg: DictConfig) -> dict:
         callbacks=build_callbacks(cfg, output_dir),
         max_steps=cfg.run.total_steps,
         default_root_dir=str(output_dir),
+        use_distributed_sampler=False,  # the datamodule shards the global stream by rank
     )
     trainer.accumulate_grad_batches = cfg.run.global_batch_size // (trainer.world_size * cfg.loader.micro_batch_size)
-    if trainer.val_check_interval is not None and cfg.evaluation.every_n_steps:
-        trainer.val_check_interval = cfg.evaluation.every_n_steps * trainer.accumulate_grad_batches
+    if cfg.evaluation.every_n_steps:  # in micro-batches for Lightning; at most one pass
+        every = min(cfg.evaluation.every_n_steps, cfg.run.total_steps)
+        trainer.val_check_interval = every * trainer.accumulate_grad_batches
     log_run_start(logger, cfg, report)
 
     status = "completed"
