@@ -1,0 +1,85 @@
+"""scripts/fit_scaling_law.py end to end on a tiny synthetic CSV, in a subprocess."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.scaling import ChinchillaLaw
+
+REPO = Path(__file__).resolve().parents[3]
+SCRIPT = REPO / "scripts" / "fit_scaling_law.py"
+TRUE = {"A": 400.0, "B": 2000.0, "E": 1.7, "alpha": 0.34, "beta": 0.36}
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_fit_script_writes_json_table_and_plots(tmp_path):
+    rng = np.random.default_rng(0)
+    N = np.exp(rng.uniform(np.log(5e7), np.log(1e10), 60))
+    D = np.exp(rng.uniform(np.log(1e9), np.log(3e11), 60))
+    loss = ChinchillaLaw().predict_public(TRUE, np.c_[N, D]) * np.exp(rng.normal(0, 0.005, 60))
+    pd.DataFrame({"num_params": N, "train_flops": 6 * N * D, "val_loss": loss}).to_csv(
+        tmp_path / "runs.csv", index=False
+    )
+    out = tmp_path / "out"
+    r = _run(
+        "--csv",
+        tmp_path / "runs.csv",
+        "--law",
+        "chinchilla",
+        "--n-col",
+        "num_params",
+        "--c-col",
+        "train_flops",
+        "--loss-col",
+        "val_loss",
+        "--grid-size",
+        "2",
+        "--bootstrap",
+        "20",
+        "--jobs",
+        "1",
+        "--budget",
+        "1e21",
+        "--out",
+        out,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "alpha" in r.stdout and "95% CI" in r.stdout and "N_opt" in r.stdout
+    res = json.loads((out / "fit.json").read_text())
+    fit = res["fits"][0]
+    assert abs(fit["params"]["alpha"] - 0.34) < 0.05
+    lo, hi = fit["bootstrap"]["ci"]["alpha"]
+    assert lo <= fit["params"]["alpha"] <= hi
+    assert fit["columns"] == {"loss": "val_loss", "N": "num_params", "C": "train_flops"}
+    for name in ("fit.png", "residuals.png", "frontier.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_script_bad_column_exits_2(tmp_path):
+    pd.DataFrame({"N": [1e8] * 10, "D": [1e9] * 10, "loss": [3.0] * 10}).to_csv(
+        tmp_path / "t.csv", index=False
+    )
+    r = _run(
+        "--csv",
+        tmp_path / "t.csv",
+        "--law",
+        "chinchilla",
+        "--n-col",
+        "params",
+        "--d-col",
+        "D",
+        "--out",
+        tmp_path / "o",
+    )
+    assert r.returncode == 2
+    assert "column 'params' (--n-col) not found" in r.stderr
+    assert not (tmp_path / "o" / "fit.json").exists()
