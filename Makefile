@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Prepares the embedded corpus, prints the mixture plan, trains the tiny LM with Cooldown
+# and prints a per-language table; outputs under outputs/<date>/<time>/.
 demo: $(STAMP)
-	$(PY) -m pipeline.prepare experiment=demo
-	$(PY) -m pipeline.mixing.report experiment=demo
+	$(PY) -m pipeline.train experiment=demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

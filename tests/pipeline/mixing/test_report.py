@@ -48,9 +48,10 @@ def test_every_shipped_mixture_composes_and_reports(demo_data, compose_config, m
     overrides = ["experiment=demo", f"cache_dir={cfg.cache_dir}", f"mixture={mixture}", "progress=false"]
     if mixture == "order_matters":
         overrides.append("mixture.stages.0.min_size=2000")
-    report, text = report_for_config(compose(overrides))
+    cfg = compose(overrides)
+    report, text = report_for_config(cfg)
     assert len(report.sources) == 37 and "Whole run" in text
-    assert report.expected_draws.sum() == pytest.approx(300 * 32)
+    assert report.expected_draws.sum() == pytest.approx(cfg.run.total_steps * cfg.run.global_batch_size)
 
 
 def test_report_cli_runs(demo_data, tmp_path):
