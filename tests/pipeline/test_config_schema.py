@@ -5,7 +5,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 def test_shipped_config_composes_with_typed_blocks(compose_config):
     cfg = compose_config(["experiment=demo"])
-    assert cfg.run.total_steps == 300 and cfg.sources.kinds == ["mono"]
+    assert cfg.run.total_steps == 600 and cfg.sources.kinds == ["mono"]
     assert cfg.sampler.mode == "exact" and cfg.mixture.stages[0]["_target_"].endswith("Cooldown")
 
 
