@@ -195,7 +195,7 @@ def contrastive_loss(
             docstring for the gradient contract.
         impl: "auto" | "torch" (materialises the matrix) | "chunked" | "triton" (softmax
             only; raises if it cannot run). "auto" is triton on CUDA for softmax, chunked
-            otherwise.
+            otherwise (always chunked for sigmoid: no Triton sigmoid kernel yet).
 
     Returns:
         Scalar: float32 for half inputs, else the input dtype. With a group, the global loss
@@ -203,10 +203,13 @@ def contrastive_loss(
     """
     check_contrastive_inputs(image, text, kind, logit_scale, logit_bias, sample_weight,
                              block_size)
-    impl = resolve_impl(impl, image.device, image.dtype)
+    requested, impl = impl, resolve_impl(impl, image.device, image.dtype)
     if impl == "triton" and kind == "sigmoid":
-        raise NotImplementedError("kind='sigmoid' has no Triton kernel yet; use "
-                                  "impl='chunked' (impl='auto' picks it)")
+        if requested == "auto":
+            impl = "chunked"  # no Triton sigmoid kernel yet; the tiled PyTorch path is exact
+        else:
+            raise NotImplementedError("kind='sigmoid' has no Triton kernel yet; use "
+                                      "impl='chunked' (impl='auto' picks it)")
     if group is None and impl == "torch":
         return contrastive_loss_reference(image, text, kind=kind, logit_scale=logit_scale,
                                           logit_bias=logit_bias, sample_weight=sample_weight)

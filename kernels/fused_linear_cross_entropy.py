@@ -36,12 +36,15 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     HAS_TRITON = False
 
 # Chunked path: rows per chunk C = CHUNK_ELEMENTS // V, so one (C, V) buffer holds at most
-# 2**23 elements = 32 MiB in fp32. Backward keeps at most two such buffers alive (the
-# probabilities/gradient of the logits, and 1 - tanh^2 when softcap is on; plus a half-size
-# copy for fp16/bf16 inputs), so the extra memory is <= ~64-80 MiB whatever N is, plus the
-# outputs themselves (grad_weight V x H in fp32, grad_hidden N x H). At N = 4096, V = 32000
-# the naive path instead keeps the (N, V) logits, log-softmax and its gradient: 3 x 0.5 GiB.
-CHUNK_ELEMENTS = 1 << 23
+# 2**21 elements = 8 MiB in fp32 (C = 65 rows at V = 32000, 8 rows at V = 256k). Backward
+# keeps at most two such buffers alive (the probabilities/gradient of the logits, and
+# 1 - tanh^2 when softcap is on; plus a half-size copy for fp16/bf16 inputs), so the extra
+# memory is ~16-20 MiB whatever N is, plus the outputs themselves (grad_weight V x H in
+# fp32, grad_hidden N x H) and the BLAS library's own scratch (measured ~40 MiB on CPU at
+# H = 512, V = 32000). At N = 4096, V = 32000 the naive path instead keeps the (N, V)
+# logits, log-softmax and its gradient alive: 3 x 0.5 GiB. Larger chunks (2**23 elements)
+# were not faster on CPU and cost more peak (glibc keeps freed 32 MiB blocks in its heap).
+CHUNK_ELEMENTS = 1 << 21
 
 
 def default_chunk_size(num_rows: int, vocab: int) -> int:
@@ -450,8 +453,8 @@ def fused_linear_cross_entropy(
         normalizer: positive float or scalar tensor, reduction="mean" only.
         impl: "auto" (triton on CUDA, chunked otherwise) | "torch" (the reference, N x V) |
             "chunked" (PyTorch, chunks of rows) | "triton" (raises if it cannot run).
-        chunk_size: rows per chunk for impl="chunked" (default: 2**23 // V, i.e. one
-            (C, V) fp32 buffer <= 32 MiB).
+        chunk_size: rows per chunk for impl="chunked" (default: 2**21 // V, i.e. one
+            (C, V) fp32 buffer <= 8 MiB).
 
     Returns:
         Scalar (or (N,) for "none"); float32 for half inputs, else the input dtype.

@@ -1,0 +1,230 @@
+"""Benchmark the fused loss kernels against the naive PyTorch losses, side by side in one run.
+
+    .venv/bin/python scripts/bench_kernels.py            # default cases (~3-5 min on 2 cores)
+    .venv/bin/python scripts/bench_kernels.py --big      # adds N=8192, H=1024, V=65536 (naive:
+                                                         #   ~8 GB and ~1.5 min per repeat)
+    .venv/bin/python scripts/bench_kernels.py --quick    # tiny shapes, checks the script runs
+
+Every (case, implementation) runs forward + backward in a fresh subprocess, so allocator
+caches and earlier peaks of one measurement cannot leak into another. Memory is measured as
+resident memory (RSS), since torch's CPU allocations are invisible to tracemalloc:
+the worker builds its inputs, then resets the kernel's peak-RSS counter (writing "5" to
+/proc/self/clear_refs resets VmHWM) and records VmRSS as the baseline; after the runs,
+extra peak = VmHWM - baseline, i.e. the most memory the loss ever held above its inputs
+(logits, softmax, gradients, temporaries and the returned gradients). Where clear_refs is
+unavailable it falls back to ru_maxrss minus the RSS after building the inputs (inputs are
+generated in place in float32, so that is no higher). On CUDA it uses
+torch.cuda.max_memory_allocated instead. Time is the median wall time of the repeats.
+
+Goals (from the issue): CPU, V >= 32k: extra peak <= 1/10 of naive and time <= 1.3 x naive;
+contrastive at B = 8192: >= 10x less extra peak than the naive B x B form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+FLCE_CASES = {
+    "flce N=4096 H=512 V=32000": dict(op="flce", n=4096, h=512, v=32000, repeats=3),
+}
+BIG_CASES = {
+    "flce N=8192 H=1024 V=65536": dict(op="flce", n=8192, h=1024, v=65536, repeats=1),
+}
+CONTRASTIVE_CASES = {
+    "contrastive softmax B=8192 D=256": dict(op="contrastive", kind="softmax", b=8192, d=256,
+                                             repeats=3),
+    "contrastive sigmoid B=8192 D=256": dict(op="contrastive", kind="sigmoid", b=8192, d=256,
+                                             repeats=3),
+}
+QUICK_CASES = {
+    "flce N=256 H=64 V=4096 (quick)": dict(op="flce", n=256, h=64, v=4096, repeats=2),
+    "contrastive softmax B=512 D=32 (quick)": dict(op="contrastive", kind="softmax", b=512,
+                                                   d=32, repeats=2),
+}
+
+
+# ------------------------------------------------------------------------- worker side
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _build(spec, impl, device):
+    import torch
+    import torch.nn.functional as F
+
+    from kernels import contrastive_loss, fused_linear_cross_entropy
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    kw = dict(device=device, dtype=torch.float32, generator=gen)
+    if spec["op"] == "flce":
+        n, h, v = spec["n"], spec["h"], spec["v"]
+        hidden = torch.randn(n, h, **kw).requires_grad_(True)
+        weight = torch.randn(v, h, **kw).mul_(h**-0.5).requires_grad_(True)
+        target = torch.randint(0, v, (n,), device=device, generator=gen)
+        target[::10] = -100  # 10% padding
+        token_weight = torch.rand(n, **kw).add_(0.5)
+        count = (target != -100).sum()
+        leaves = [hidden, weight]
+
+        if impl == "naive":
+            def run():
+                logits = F.linear(hidden, weight)  # (N, V)
+                per_token = F.cross_entropy(logits, target, reduction="none")
+                return (per_token * token_weight).sum() / count
+        else:
+            def run():
+                return fused_linear_cross_entropy(hidden, weight, target,
+                                                  token_weight=token_weight,
+                                                  normalizer=count, impl=impl)
+        return run, leaves
+    b, d = spec["b"], spec["d"]
+    image = F.normalize(torch.randn(b, d, **kw), dim=1).requires_grad_(True)
+    text = F.normalize(torch.randn(b, d, **kw), dim=1).requires_grad_(True)
+    scale = torch.tensor(10.0, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    sigmoid = spec["kind"] == "sigmoid"
+    leaves = [image, text, scale] + ([bias] if sigmoid else [])
+    if impl == "naive":
+        def run():
+            logits = scale * image @ text.T  # (B, B)
+            labels = torch.arange(b, device=device)
+            if sigmoid:
+                sign = 2 * torch.eye(b, device=device) - 1
+                return -F.logsigmoid(sign * (logits + bias)).sum() / b
+            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    else:
+        def run():
+            return contrastive_loss(image, text, kind=spec["kind"], logit_scale=scale,
+                                    logit_bias=bias if sigmoid else None, impl=impl)
+    return run, leaves
+
+
+def worker(spec: dict, impl: str) -> dict:
+    import torch
+
+    device = "cuda" if impl == "triton" else "cpu"
+    # Warm up at a tiny shape first, so one-off library state (thread pools, BLAS scratch,
+    # autograd engine) is not counted as the loss's memory.
+    tiny = {**spec, **{k: 64 for k in ("n", "h", "v", "b", "d") if k in spec}}
+    warm_run, warm_leaves = _build(tiny, impl, device)
+    torch.autograd.grad(warm_run(), warm_leaves)
+    del warm_run, warm_leaves
+    run, leaves = _build(spec, impl, device)
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        reset = _reset_peak()
+        base_kib = _status_kib("VmRSS")
+        maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        loss = run()
+        grads = torch.autograd.grad(loss, leaves)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        del loss, grads
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+        method = "cuda max_memory_allocated"
+    elif reset and _status_kib("VmHWM") is not None:
+        peak = (_status_kib("VmHWM") - base_kib) * 1024
+        method = "VmHWM after clear_refs"
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) * 1024
+        method = f"ru_maxrss (before run: {maxrss_before} KiB)"
+    return {"time_s": statistics.median(times), "times_s": times, "peak_bytes": peak,
+            "method": method}
+
+
+# ------------------------------------------------------------------------- driver side
+
+
+def measure(name: str, spec: dict, impl: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec), impl]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} / {impl} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--big", action="store_true", help="add N=8192, H=1024, V=65536")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes only")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker[0]), args.worker[1])))
+        return
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    cases = dict(QUICK_CASES) if args.quick else {**FLCE_CASES, **CONTRASTIVE_CASES}
+    if args.big:
+        cases.update(BIG_CASES)
+    impls = ["naive", "chunked"] + (["triton"] if cuda else [])
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()},"
+          f" CUDA: {'yes' if cuda else 'no (GPU goals unmeasured)'}", flush=True)
+    rows = []
+    for name, spec in cases.items():
+        results = {}
+        for impl in impls:
+            results[impl] = res = measure(name, spec, impl)
+            print(f"  {name:36s} {impl:8s} median {res['time_s']:8.2f} s  extra peak "
+                  f"{res['peak_bytes'] / 2**20:9.1f} MiB  ({res['method']}; runs "
+                  f"{', '.join(f'{t:.2f}' for t in res['times_s'])})", flush=True)
+        naive = results["naive"]
+        for impl in impls[1:]:
+            res = results[impl]
+            mem_ratio = res["peak_bytes"] / max(naive["peak_bytes"], 1)
+            time_ratio = res["time_s"] / naive["time_s"]
+            mem_ok = mem_ratio <= 0.1
+            time_ok = time_ratio <= 1.3 if spec["op"] == "flce" else None
+            verdict = "PASS" if mem_ok and time_ok is not False else "MISS"
+            rows.append(dict(case=name, impl=impl, naive=naive, fast=res, mem_ratio=mem_ratio,
+                             time_ratio=time_ratio, verdict=verdict))
+    print("\ncase                                 impl     mem/naive  time/naive  goal")
+    for r in rows:
+        goal = ("mem <= 0.10, time <= 1.30" if r["case"].startswith("flce")
+                else "mem <= 0.10")
+        print(f"{r['case']:36s} {r['impl']:8s} {r['mem_ratio']:9.3f}  {r['time_ratio']:10.2f}"
+              f"  {goal}: {r['verdict']}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
