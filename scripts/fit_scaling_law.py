@@ -89,6 +89,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--optimise-mixture", action="store_true", help="mixing: minimise the sum of target losses"
     )
+    p.add_argument(
+        "--caps",
+        choices=("observed", "none"),
+        default="observed",
+        help="mixing: cap each proportion at its largest value in the data (default; the law is "
+        "not trusted outside the mixtures it was fitted on) or leave it free",
+    )
     p.add_argument("--target-weights", help="mixing: comma-separated weights of the target losses")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", required=True, help="output directory")
@@ -104,13 +111,14 @@ def print_table(title: str, fit, boot, level: float) -> None:
         f"\n{title}: {fit.law.name} law, {fit.num_points} points, Huber objective {fit.objective:.6g} "
         f"(delta {fit.delta:g}), {fit.num_converged}/{fit.num_starts} starts converged"
     )
-    head = f"{'parameter':<28} {'estimate':>12}"
+    w = max(12, *(len(k) for k in fit.params))
+    head = f"{'parameter':<{w}} {'estimate':>12}"
     if boot is not None:
         head += f" {f'{100 * level:g}% CI':>27}"
     print(head)
     print("-" * len(head))
     for name, v in fit.params.items():
-        row = f"{name:<28} {_fmt(v):>12}"
+        row = f"{name:<{w}} {_fmt(v):>12}"
         if boot is not None:
             lo, hi = boot.ci[name]
             row += f" [{_fmt(lo):>11}, {_fmt(hi):>11}]"
@@ -237,14 +245,22 @@ def main(argv=None) -> int:
         v = None
         if args.target_weights:
             v = [float(x) for x in args.target_weights.split(",")]
+        caps = tables[0].X.max(axis=0) if args.caps == "observed" else None
+        if caps is not None and caps.sum() < 1:
+            caps = None  # the observed maxima cannot make a mixture; fall back to no caps
         res = optimise_mixture(
-            mixing_loss_fn(fits), len(fits[0].law.domains), target_weights=v, seed=args.seed
+            mixing_loss_fn(fits),
+            len(fits[0].law.domains),
+            target_weights=v,
+            caps=caps,
+            seed=args.seed,
         )
         report["mixture"] = {
             "r": dict(zip(fits[0].law.domains, map(float, res.r), strict=True)),
             "objective": res.objective,
             "predicted_losses": dict(zip(loss_cols, map(float, res.losses), strict=True)),
             "violation": res.violation,
+            "caps": args.caps,
         }
         print(
             f"\noptimised mixture (objective {res.objective:.5g}, feasibility error {res.violation:.1e}):"
