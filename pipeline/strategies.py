@@ -15,6 +15,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+from torchmetrics import Metric
 
 ZERO_STAGES = (1, 2, 3)
 
@@ -39,6 +40,22 @@ class DeepSpeedCPUAdapter(DeepSpeedStrategy):
         self.set_world_ranks()
         self._init_deepspeed_distributed()  # gloo: the backend follows root_device.type
 
+    def setup(self, trainer) -> None:
+        # Lightning's DeepSpeed precision plugin casts the whole module with
+        # `module.to(dtype=...)`, which (unlike `.float()`) also casts torchmetrics states:
+        # the float64 per-source sums would become float32 and `index_add_` then refuses
+        # float64 updates. Keep every metric state at the dtype it was created with.
+        dtypes = _metric_state_dtypes(self.model)
+        super().setup(trainer)
+        _restore_metric_state_dtypes(dtypes)
+
+    def _auto_select_batch_size(self) -> int:
+        # DeepSpeed reads the micro-batch size only for throughput logging; Lightning looks
+        # for `batch_sampler.batch_size`, which the sampler's `RankBatchSampler` calls
+        # `micro_batch_size`. Never build a dataloader just to read it.
+        size = getattr(self.lightning_module.trainer.datamodule, "micro_batch_size", None)
+        return int(size) if size else super()._auto_select_batch_size()
+
     @property
     def root_device(self) -> torch.device:
         device = super().root_device
@@ -46,6 +63,19 @@ class DeepSpeedCPUAdapter(DeepSpeedStrategy):
             # DeepSpeed reads the index as this process's device rank.
             return torch.device("cpu", self.local_rank)
         return device
+
+
+def _metric_state_dtypes(module: torch.nn.Module | None) -> list[tuple[Metric, str, torch.dtype]]:
+    if module is None:
+        return []
+    return [(metric, key, value.dtype) for metric in module.modules() if isinstance(metric, Metric)
+            for key, value in metric._defaults.items() if isinstance(value, torch.Tensor)]
+
+
+def _restore_metric_state_dtypes(dtypes: list[tuple[Metric, str, torch.dtype]]) -> None:
+    for metric, key, dtype in dtypes:  # `module.to()` keeps module identity: same objects
+        metric._defaults[key] = metric._defaults[key].to(dtype)
+        setattr(metric, key, getattr(metric, key).to(dtype))
 
 
 def deepspeed(stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False,
