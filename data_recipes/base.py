@@ -9,6 +9,10 @@ Record schema:
 * ``kind="mono"``: each record is ``{"text": str}``.
 * ``kind="parallel"``: each record is ``{"src": str, "tgt": str}``; the source carries
   ``src_lang`` and ``tgt_lang``.
+* ``kind="image_text"``: each record is ``{"text": caption, "image": bytes, "attributes":
+  [0/1] * m, "labels": [0/1] * c}``; ``image`` is raw uint8 RGB pixels (H x W x 3, row-major,
+  size in the source's ``attributes["image_size"]``) or ``b""`` in records-only mode. The
+  source's ``attributes`` name them: ``attribute_names`` (m), ``label_names`` (c).
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-Kind = Literal["mono", "parallel"]
-KINDS: tuple[str, ...] = ("mono", "parallel")
+Kind = Literal["mono", "parallel", "image_text"]
+KINDS: tuple[str, ...] = ("mono", "parallel", "image_text")
+# Non-text columns of image-text records (stored as binary / int8 lists, not strings).
+IMAGE_TEXT_EXTRA_COLUMNS: tuple[str, ...] = ("image", "attributes", "labels")
 
 # Source names become directory names and metric suffixes (``data/prob/lang=deu``), so keep
 # them to a portable alphabet.
@@ -62,8 +68,16 @@ class SourceRecords:
             )
         if self.kind == "parallel" and (not self.src_lang or not self.tgt_lang):
             raise ValueError(f"parallel source {self.name!r} needs src_lang and tgt_lang")
-        if self.kind == "mono" and (self.src_lang or self.tgt_lang):
-            raise ValueError(f"mono source {self.name!r} must not set src_lang/tgt_lang")
+        if self.kind != "parallel" and (self.src_lang or self.tgt_lang):
+            raise ValueError(f"{self.kind} source {self.name!r} must not set src_lang/tgt_lang")
+        if self.kind == "image_text":
+            for key in ("attribute_names", "label_names"):
+                names = self.attributes.get(key)
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    raise ValueError(
+                        f"image_text source {self.name!r}: attributes[{key!r}] must be a list of "
+                        f"names, got {names!r}"
+                    )
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -87,8 +101,8 @@ class Recipe(Protocol):
 
 
 def columns_for(kind: str) -> tuple[str, ...]:
-    """Record keys for a source kind."""
-    if kind == "mono":
+    """Text record keys for a source kind (image_text adds IMAGE_TEXT_EXTRA_COLUMNS)."""
+    if kind in ("mono", "image_text"):
         return ("text",)
     if kind == "parallel":
         return ("src", "tgt")

@@ -26,7 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_recipes.base import Recipe, SourceRecords, columns_for, validate_source_name
+from data_recipes.base import (
+    IMAGE_TEXT_EXTRA_COLUMNS,
+    Recipe,
+    SourceRecords,
+    columns_for,
+    validate_source_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -339,12 +345,36 @@ class PreparedCorpus:
 
 
 # -- building -------------------------------------------------------------------------------
+def _check_binary_vector(source: SourceRecords, i: int, column: str, value: Any, size: int) -> list[int]:
+    """A record's attribute/label vector: exactly `size` values, each 0 or 1."""
+    names = source.attributes["attribute_names" if column == "attributes" else "label_names"]
+    if not isinstance(value, (list, tuple)) or len(value) != size:
+        raise ValueError(
+            f"source {source.name!r} record {i}: column {column!r} must be a list of {size} "
+            f"values (one per name in {names}), got {value!r}"
+        )
+    out = []
+    for name, v in zip(names, value, strict=True):
+        if isinstance(v, bool) or v not in (0, 1):
+            raise ValueError(
+                f"source {source.name!r} record {i}: {column[:-1]} {name!r} must be 0 or 1 "
+                f"(binary), got {v!r}"
+            )
+        out.append(int(v))
+    return out
+
+
 def _save_source(source: SourceRecords, target: Path) -> dict[str, Any]:
     """Materialise one source's records to ``target`` and return its manifest entry."""
     import datasets
 
     columns = columns_for(source.kind)
-    data: dict[str, list[str]] = {c: [] for c in columns}
+    extras = IMAGE_TEXT_EXTRA_COLUMNS if source.kind == "image_text" else ()
+    data: dict[str, list[Any]] = {c: [] for c in (*columns, *extras)}
+    sizes = {}
+    if extras:
+        sizes = {"attributes": len(source.attributes["attribute_names"]),
+                 "labels": len(source.attributes["label_names"])}
     num_characters = 0
     for i, record in enumerate(source.records):
         if not isinstance(record, dict):
@@ -358,12 +388,29 @@ def _save_source(source: SourceRecords, target: Path) -> dict[str, Any]:
                 )
             data[column].append(value)
             num_characters += len(value)
+        for column in extras:
+            if column not in record:
+                raise ValueError(f"source {source.name!r} record {i}: missing column {column!r}")
+            value = record[column]
+            if column == "image":
+                if not isinstance(value, (bytes, bytearray)):
+                    raise ValueError(
+                        f"source {source.name!r} record {i}: column 'image' must be bytes (raw "
+                        f"RGB pixels, or b'' for records only), got {type(value).__name__}"
+                    )
+                data[column].append(bytes(value))
+            else:
+                data[column].append(_check_binary_vector(source, i, column, value, sizes[column]))
     num_documents = len(data[columns[0]])
     if num_documents == 0:
         raise ValueError(f"source {source.name!r} has zero documents")
-    features = datasets.Features({c: datasets.Value("string") for c in columns})
+    features = {c: datasets.Value("string") for c in columns}
+    if extras:
+        features.update(image=datasets.Value("binary"),
+                        attributes=datasets.Sequence(datasets.Value("int8")),
+                        labels=datasets.Sequence(datasets.Value("int8")))
     with _quiet_datasets():
-        datasets.Dataset.from_dict(data, features=features).save_to_disk(str(target))
+        datasets.Dataset.from_dict(data, features=datasets.Features(features)).save_to_disk(str(target))
     entry: dict[str, Any] = {
         "name": source.name,
         "kind": source.kind,
