@@ -89,6 +89,7 @@ class RootSchema:
     trainer: Any = MISSING
     strategy: Any = MISSING
     logger: Any = None
+    launch: Any = None  # cluster job settings (scripts/make_sbatch.py); training ignores it
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
     run: RunSchema = field(default_factory=RunSchema)

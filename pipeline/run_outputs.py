@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.metrics import source_key
 
 # Keys that say where a run lives, not what it computes: left out of the digest.
-_PLACE_KEYS = ("output_dir", "ckpt_path", "cache_dir", "progress")
+_PLACE_KEYS = ("output_dir", "ckpt_path", "cache_dir", "progress", "launch")
 
 
 def config_digest(cfg: DictConfig) -> str:
