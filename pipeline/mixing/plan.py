@@ -27,14 +27,19 @@ class MixturePlan:
         sources: source names, in a fixed order shared by the arrays below.
         sample_probs: (S,) float64, non-negative, sums to 1.
         loss_weights: (S,) float64, non-negative; 1.0 means "a token counts once".
-        example_keep: optional per-source (num_documents,) keep probabilities (M4 balancing);
-            ``None`` keeps every example.
+        example_keep: optional {source: (num_documents,) bool} mask of the examples the
+            sampler may draw (M4 balancing, subsample mode; see pipeline/mixing/m4.py);
+            sources without an entry, or ``None``, keep every example.
+        example_weights: optional {source: (num_documents,) float64} per-example factor on
+            the loss weight of the example's tokens (M4 balancing, weights mode); sources
+            without an entry, or ``None``, use 1.
     """
 
     sources: tuple[str, ...]
     sample_probs: np.ndarray
     loss_weights: np.ndarray
     example_keep: Mapping[str, np.ndarray] | None = field(default=None)
+    example_weights: Mapping[str, np.ndarray] | None = field(default=None)
 
     def __post_init__(self) -> None:
         probs = np.asarray(self.sample_probs, dtype=np.float64)

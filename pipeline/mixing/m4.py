@@ -1,0 +1,746 @@
+"""M4 balancing (Multi-Modal Moment Matching; Alabdulmohsin et al., "CLIP the Bias", ICLR 2024).
+
+Problem. Examples i = 1..N carry sensitive attributes s_i in {0,1}^m (may overlap: an example
+can have several), labels or concept proxies y_i in {0,1}^c, and optionally a utility u_i
+(e.g. a quality score). M4 chooses keep probabilities q_i in [0, 1] that solve
+
+    minimise   P(q) = 1/(2N) sum_i (q_i - eta)^2  -  gamma/N sum_i u_i q_i              (F)
+                      + C * sum_j max(0, |E_q[a_j]| - eps_j)                             (penalty)
+    subject to mean_i q_i = eta,   0 <= q_i <= 1,
+
+where E_q[x] = sum_i q_i x_i / sum_i q_i is the mean under the kept distribution and the
+constraint features a_j are
+
+    representation, j = k:        a = s_k - pi_k                 bound eps_R[k]
+    association,    j = (k, r):   a = (s_k - pi_k) * y_r         bound eps_A[k, r]
+
+so |E_q[s_k] - pi_k| <= eps_R and |E_q[(s_k - pi_k) y_r]| <= eps_A when the penalty is zero.
+F keeps q as close as possible to uniform keeping (q = eta) and, with utility, prefers
+high-utility examples (gamma = `utility_weight`, in units of keep probability per unit of u).
+C = `enforcement` is the price per unit of violation: the constraints are soft, so an
+infeasible request still returns the closest q it can, and the result lists which constraint
+fails and by how much. C is also the bound on the dual variables; for a feasible request any
+C above the largest optimal dual gives the hard-constrained solution (the default 100 does on
+every problem in the tests).
+
+Dual. With z_i = mu + sum_j lambda_j a_ij the minimiser over q is closed form,
+
+    q_i = clip(eta + gamma * u_i - z_i, 0, 1),                                          (Q)
+    z_i = mu + sum_k (s_ik - pi_k) * (lambda_R[k] + sum_r lambda_A[k, r] * y_ir),
+
+and the concave dual in (mu, lambda_R (m,), lambda_A (m, c)), |lambda| <= C / eta, has
+gradient mean(q) - eta and mean(q a_j) - eps_j * eta * sign(lambda_j). So the solution is
+m + m*c + 1 numbers (`M4Duals`); q of any example follows from (Q) without the others.
+
+Solvers.
+    * streaming (default, `pipeline.mixing.m4.fit_streaming`): stochastic proximal dual
+      ascent over minibatches, diagonally preconditioned by the minibatch curvature with an
+      exact line search on each minibatch, iterate averaging over the last pass. Memory
+      O(m * c) independent of N; work per example O(m * c) (three (B, c) x (c, m) products
+      per minibatch). `passes` passes to fit the duals, then one pass that writes q and
+      fixes mean(q) = eta exactly (a 1-D root in mu).
+    * exact (small N, `pipeline.mixing.m4_exact.solve_exact`): the same dual maximised to
+      convergence by scipy's L-BFGS-B on the full data, certified by the duality gap.
+
+Output and how it reaches training. `m4_keep_probabilities(...) -> M4Result` returns q (N,)
+with before/after statistics. Two modes, the same two routes Temperature vs Upweight take:
+
+    * mode="subsample" (the paper's): `m4_subsample(q, seed)` draws a seeded Bernoulli(q_i)
+      subsample, a deterministic function of (q, seed); training sees only kept examples.
+    * mode="weights": every example stays, with per-example loss weight q_i / eta (mean 1),
+      which gives the loss exactly the kept distribution's expectation.
+
+As a mixing stage, `M4(keep={source: q}, mode=..., seed=...)` (q solved jointly over the
+concatenated sources, e.g. with `solve_sources`) refines the plan of the stages to its left:
+
+    subsample: plan.example_keep[source] = (num_documents,) bool mask of the kept examples;
+               sample_probs[source] *= kept fraction of source (renormalised), so a
+               proportional plan stays proportional to the *kept* sizes and the pooled kept
+               data is what M4 balanced.
+    weights:   plan.example_weights[source] = (num_documents,) float64 q / eta_pooled,
+               multiplied into the per-token loss weight of each example's tokens;
+               sample_probs and per-source loss_weights unchanged.
+
+Sources the stage has no q for are left untouched (no entry in example_keep/weights). The
+masks are drawn once in __init__ (seeded per source name), so `apply` stays a pure, cheap
+function of (sizes, progress) like every other stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.mixing.base import MixingStage
+from pipeline.mixing.m4_report import (
+    M4Statistics,
+    M4StatisticsAccumulator,
+    Violation,
+    find_violations,
+    m4_statistics,
+)
+from pipeline.mixing.plan import MixturePlan, validate_sizes
+
+log = logging.getLogger(__name__)
+
+MODES = ("subsample", "weights")
+SOLVERS = ("streaming", "exact")
+DEFAULT_EPS_R = 0.05
+DEFAULT_EPS_A = 0.01
+DEFAULT_ENFORCEMENT = 100.0
+
+# A minibatch: (attributes (B, m), labels (B, c)) or (attributes, labels, utility (B,)).
+Batch = tuple[np.ndarray, ...]
+
+
+class M4InfeasibleError(ValueError):
+    """Raised with on_violation="raise" when constraints are still violated after solving."""
+
+    def __init__(self, violations: Sequence[Violation], message: str):
+        super().__init__(message)
+        self.violations = tuple(violations)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate_examples(attributes, labels, utility) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Check shapes and binarity; returns (s (N, m), y (N, c), u (N,) float64 or None).
+
+    Bool and integer arrays are returned as they are (no copy); other dtypes are checked to
+    hold only 0 and 1.
+    """
+    s = _binary_matrix(attributes, "attributes")
+    y = _binary_matrix(labels, "labels")
+    if s.shape[1] == 0:
+        raise ValueError("attributes has 0 columns: M4 needs at least one sensitive attribute")
+    if len(s) != len(y):
+        raise ValueError(f"attributes has {len(s)} rows but labels has {len(y)}: one row per example")
+    if len(s) == 0:
+        raise ValueError("no examples: attributes and labels have 0 rows")
+    u = None
+    if utility is not None:
+        u = np.asarray(utility, dtype=np.float64)
+        if u.shape != (len(s),):
+            raise ValueError(f"utility must have shape ({len(s)},), got {u.shape}")
+        bad = np.flatnonzero(~np.isfinite(u))
+        if bad.size:
+            raise ValueError(f"utility must be finite; row {bad[0]} is {u[bad[0]]!r}")
+    return s, y, u
+
+
+def _binary_matrix(values, key: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim == 1 and key == "attributes":
+        array = array[:, None]  # one attribute given as (N,)
+    if array.ndim != 2:
+        raise ValueError(f"{key} must be a 2-D (examples, columns) array, got shape {array.shape}")
+    if array.dtype == np.bool_:
+        return array
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"{key} must be bool or numeric 0/1, got dtype {array.dtype}")
+    bad = (array != 0) & (array != 1)  # NaN compares unequal to both, so it is caught too
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(
+            f"{key} must be binary (0/1): column {col} has value {array[row, col]!r} at row {row}"
+        )
+    return array
+
+
+def validate_pi(pi, m: int) -> np.ndarray:
+    """(m,) float64 targets in [0, 1] from a scalar or a length-m sequence."""
+    array = np.asarray(pi, dtype=np.float64)
+    if array.ndim > 1 or (array.ndim == 1 and array.shape != (m,)):
+        raise ValueError(f"pi must be a scalar or have shape ({m},) (one per attribute), got {array.shape}")
+    array = np.broadcast_to(array, (m,)).copy()
+    if not (np.isfinite(array).all() and (array >= 0).all() and (array <= 1).all()):
+        raise ValueError(f"pi must be in [0, 1], got {array.tolist()}")
+    return array
+
+
+def _validate_eps(value, shape: tuple[int, ...], key: str) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float64)
+    try:
+        array = np.broadcast_to(array, shape).copy()
+    except ValueError:
+        raise ValueError(f"{key} must be a scalar or broadcast to shape {shape}, got {array.shape}") from None
+    if not np.isfinite(array).all() or (array < 0).any():
+        raise ValueError(f"{key} must be finite and >= 0, got {value!r}")
+    return array
+
+
+@dataclass(frozen=True)
+class M4Problem:
+    """Validated parameters of one M4 problem with m attributes and c labels.
+
+    Attributes:
+        eta: target mean keep rate in (0, 1].
+        pi: (m,) representation targets.
+        eps_r: (m,) representation bounds; eps_a: (m, c) association bounds.
+        utility_weight: gamma in (F); enforcement: C, price per unit of violation.
+    """
+
+    eta: float
+    pi: np.ndarray
+    eps_r: np.ndarray
+    eps_a: np.ndarray
+    utility_weight: float = 1.0
+    enforcement: float = DEFAULT_ENFORCEMENT
+
+    @classmethod
+    def build(cls, m: int, c: int, *, eta=0.9, pi=0.5, eps_r=DEFAULT_EPS_R, eps_a=DEFAULT_EPS_A,
+              utility_weight=1.0, enforcement=DEFAULT_ENFORCEMENT) -> M4Problem:
+        eta = float(eta)
+        if math.isnan(eta) or not 0.0 < eta <= 1.0:
+            raise ValueError(f"eta (mean keep rate) must be in (0, 1], got {eta!r}")
+        utility_weight = float(utility_weight)
+        if not math.isfinite(utility_weight) or utility_weight < 0:
+            raise ValueError(f"utility_weight must be finite and >= 0, got {utility_weight!r}")
+        enforcement = float(enforcement)
+        if math.isnan(enforcement) or enforcement <= 0:
+            raise ValueError(f"enforcement must be > 0 (inf = hard constraints), got {enforcement!r}")
+        return cls(eta, validate_pi(pi, m), _validate_eps(eps_r, (m,), "eps_r"),
+                   _validate_eps(eps_a, (m, c), "eps_a"), utility_weight, enforcement)
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.pi)
+
+    @property
+    def num_labels(self) -> int:
+        return self.eps_a.shape[1]
+
+    @property
+    def dual_bound(self) -> float:
+        """Box on |lambda| in mean(q a) units: the penalty is on E_q = mean(q a) / eta."""
+        return self.enforcement / self.eta
+
+
+# ----------------------------------------------------------------------------- the dual
+
+
+@dataclass
+class M4Duals:
+    """The M4 solution in O(m * c) numbers; `keep_probabilities` applies (Q) to a minibatch.
+
+    Attributes:
+        problem: the M4Problem solved.
+        mu: multiplier of mean(q) = eta.
+        lambda_r: (m,) representation multipliers; lambda_a: (m, c) association multipliers.
+    """
+
+    problem: M4Problem
+    mu: float
+    lambda_r: np.ndarray
+    lambda_a: np.ndarray
+
+    @classmethod
+    def zeros(cls, problem: M4Problem) -> M4Duals:
+        m, c = problem.num_attributes, problem.num_labels
+        return cls(problem, 0.0, np.zeros(m), np.zeros((m, c)))
+
+    def shifts(self, attributes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """z_i - mu = sum_k (s_ik - pi_k)(lambda_R[k] + lambda_A[k] . y_i): (B,) float32."""
+        d = attributes.astype(np.float32) - self.problem.pi.astype(np.float32)
+        y = labels.astype(np.float32)
+        per_attribute = y @ self.lambda_a.T.astype(np.float32) + self.lambda_r.astype(np.float32)
+        return np.einsum("bk,bk->b", d, per_attribute)
+
+    def targets(self, num: int, utility: np.ndarray | None) -> np.ndarray:
+        """eta + gamma * u_i: (B,) float32."""
+        if utility is None:
+            return np.full(num, self.problem.eta, dtype=np.float32)
+        return (self.problem.eta + self.problem.utility_weight * utility).astype(np.float32)
+
+    def keep_probabilities(self, attributes, labels, utility=None) -> np.ndarray:
+        """(B,) float64 q_i = clip(eta + gamma u_i - mu - shift_i, 0, 1) for one minibatch."""
+        s, y, u = validate_examples(attributes, labels, utility)
+        w = self.targets(len(s), u) - self.shifts(s, y) - np.float32(self.mu)
+        return np.clip(w, 0.0, 1.0).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class M4Result:
+    """Keep probabilities and the report.
+
+    Attributes:
+        q: (N,) float64 keep probabilities in [0, 1], mean eta (up to 1e-9 when solvable).
+        duals: the fitted M4Duals.
+        before: statistics of the data as given (weights all 1).
+        after: statistics under q (expectation over the kept distribution).
+        objective: F(q) = 1/(2N) sum (q - eta)^2 - gamma/N sum u q.
+        penalized_objective: P(q) = objective + C * sum of violations (E_q units).
+        solver: "streaming" or "exact"; info: solver details (passes, batches, time, gap).
+    """
+
+    q: np.ndarray
+    duals: M4Duals
+    before: M4Statistics
+    after: M4Statistics
+    objective: float
+    penalized_objective: float
+    solver: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def violations(self) -> tuple[Violation, ...]:
+        """Constraints not met under q (E_q units), worst first; empty if all are met."""
+        return self.after.violations
+
+    @property
+    def feasible(self) -> bool:
+        return not self.after.violations
+
+    def describe_violations(self, limit: int = 10) -> str:
+        if self.feasible:
+            return "all M4 constraints are met"
+        lines = [f"{len(self.violations)} M4 constraint(s) cannot be met with eta="
+                 f"{self.duals.problem.eta:g} (closest q found; worst first):"]
+        lines += [f"  {v.describe()}" for v in self.violations[:limit]]
+        return "\n".join(lines)
+
+
+def m4_objective(q: np.ndarray, problem: M4Problem, utility: np.ndarray | None,
+                 after: M4Statistics) -> tuple[float, float]:
+    """(F(q), P(q)) given q and the statistics under q (see the module doc)."""
+    objective = 0.5 * float(np.mean((q - problem.eta) ** 2))
+    if utility is not None:
+        objective -= problem.utility_weight * float(np.mean(utility * q))
+    excess = np.concatenate([
+        np.maximum(0.0, np.abs(after.representation) - problem.eps_r),
+        np.maximum(0.0, np.abs(after.association) - problem.eps_a).ravel(),
+    ])
+    return objective, objective + problem.enforcement * float(excess.sum())
+
+
+# ----------------------------------------------------------------------------- streaming solver
+
+
+def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *, passes: int = 3,
+                  step_size: float = 1.0, check_binary: bool = True) -> tuple[M4Duals, dict]:
+    """Fit the M4 duals with stochastic proximal dual ascent; memory O(m * c).
+
+    Args:
+        batches: called once per pass, returns an iterable of minibatches (attributes (B, m),
+            labels (B, c)[, utility (B,)]) in a shuffled order (stochastic updates on sorted
+            data are biased). Minibatches of ~10^4-10^5 examples amortise the Python overhead.
+        problem: the validated M4Problem.
+        passes: passes over the data; the returned duals average the iterates of the last
+            pass (of the second half of the only pass when passes == 1).
+        step_size: damping in (0, 1] on each minibatch's line-searched step.
+
+    Returns:
+        (duals, info) with info = {"passes", "batches", "examples_per_pass"}.
+    """
+    if int(passes) != passes or passes < 1:
+        raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
+    if not 0 < step_size <= 1:
+        raise ValueError(f"step_size must be in (0, 1], got {step_size!r}")
+    duals = M4Duals.zeros(problem)
+    m, c = problem.num_attributes, problem.num_labels
+    eps_r = (problem.eps_r * problem.eta).astype(np.float64)  # bounds in mean(q a) units
+    eps_a = (problem.eps_a * problem.eta).astype(np.float64)
+    bound = problem.dual_bound
+    pi32 = problem.pi.astype(np.float32)
+    state = np.zeros(1 + m + m * c)  # [mu, lambda_r, lambda_a.ravel()]
+    average = np.zeros_like(state)
+    averaged = 0
+    num_batches = 0
+    examples = 0
+    for pass_index in range(int(passes)):
+        batch_list = batches() if pass_index < passes - 1 else None
+        source = batch_list if batch_list is not None else batches()
+        examples_this_pass = 0
+        schedule: list[np.ndarray] = []
+        for batch in source:
+            s, y, u = _unpack(batch, m, c, check_binary and pass_index == 0)
+            examples_this_pass += len(s)
+            mu, lam_r, lam_a = state[0], state[1:1 + m], state[1 + m:].reshape(m, c)
+            d = s.astype(np.float32) - pi32
+            yf = y.astype(np.float32)
+            t = _targets(problem, len(s), u)
+            z = np.float32(mu) + np.einsum("bk,bk->b", d, yf @ lam_a.T.astype(np.float32)
+                                           + lam_r.astype(np.float32))
+            q = np.clip(t - z, 0.0, 1.0)
+            active = ((q > 0) & (q < 1)).astype(np.float32)
+            inv_b = 1.0 / len(s)
+            # Gradients and diagonal curvature of the minibatch dual, one product each.
+            dq, d2a = d * q[:, None], d * d * active[:, None]
+            products = (np.concatenate([dq, d2a], axis=1).T @ yf).astype(np.float64) * inv_b
+            g_a, h_a = products[:m], products[m:]
+            g_r = dq.sum(0, dtype=np.float64) * inv_b
+            h_r = d2a.sum(0, dtype=np.float64) * inv_b
+            g_mu = float(q.mean(dtype=np.float64)) - problem.eta
+            h_mu = float(active.mean(dtype=np.float64))
+            # Proximal Newton-diagonal candidate (soft threshold = the eps * |lambda| term).
+            new_r = _prox_step(lam_r, g_r, h_r, eps_r, bound)
+            new_a = _prox_step(lam_a, g_a, h_a, eps_a, bound)
+            new_mu = mu + (g_mu / h_mu if h_mu > 0 else (0.05 if g_mu > 0 else -0.05))
+            delta = np.concatenate([[new_mu - mu], new_r - lam_r, (new_a - lam_a).ravel()])
+            # Exact line search on this minibatch's quadratic model along delta.
+            d_r, d_a = delta[1:1 + m], delta[1 + m:].reshape(m, c)
+            dz = np.float32(delta[0]) + np.einsum(
+                "bk,bk->b", d, yf @ d_a.T.astype(np.float32) + d_r.astype(np.float32))
+            slope = (delta[0] * g_mu + d_r @ g_r + float((d_a * g_a).sum())
+                     - eps_r @ (np.abs(new_r) - np.abs(lam_r))
+                     - float((eps_a * (np.abs(new_a) - np.abs(lam_a))).sum()))
+            curvature = float(np.dot(active * dz, dz)) * inv_b
+            if h_mu == 0:  # every q saturated: take the step, the curvature is unreliable
+                alpha = 1.0
+            else:
+                alpha = min(1.0, max(0.0, slope / curvature)) if curvature > 0 else 1.0
+            state += step_size * alpha * delta
+            num_batches += 1
+            if pass_index == passes - 1:
+                schedule.append(state.copy()) if passes == 1 else None
+                if passes > 1:
+                    average += state
+                    averaged += 1
+        if examples_this_pass == 0:
+            raise ValueError("the minibatch iterable yielded no examples")
+        examples = examples_this_pass
+        if passes == 1:
+            tail = schedule[len(schedule) // 2:]
+            average, averaged = np.sum(tail, axis=0), len(tail)
+    final = average / averaged
+    duals.mu = float(final[0])
+    duals.lambda_r = final[1:1 + m].copy()
+    duals.lambda_a = final[1 + m:].reshape(m, c).copy()
+    return duals, {"passes": int(passes), "batches": num_batches, "examples_per_pass": examples}
+
+
+def _prox_step(lam: np.ndarray, grad: np.ndarray, curv: np.ndarray, eps: np.ndarray,
+               bound: float) -> np.ndarray:
+    """argmax of the diagonal model: soft-threshold(lam + g/h, eps/h), clipped to +-bound."""
+    safe = np.where(curv > 0, curv, 1.0)
+    moved = lam + grad / safe
+    thresholded = np.sign(moved) * np.maximum(np.abs(moved) - eps / safe, 0.0)
+    return np.where(curv > 0, np.clip(thresholded, -bound, bound), lam)
+
+
+def _targets(problem: M4Problem, num: int, utility: np.ndarray | None) -> np.ndarray:
+    if utility is None:
+        return np.full(num, problem.eta, dtype=np.float32)
+    return (problem.eta + problem.utility_weight * utility).astype(np.float32)
+
+
+def _unpack(batch: Batch, m: int, c: int, check: bool):
+    if len(batch) not in (2, 3):
+        raise ValueError("a minibatch is (attributes, labels) or (attributes, labels, utility)")
+    s, y = batch[0], batch[1]
+    u = batch[2] if len(batch) == 3 else None
+    if check:
+        s, y, u = validate_examples(s, y, u)
+    else:
+        s, y = np.asarray(s), np.asarray(y)
+        u = None if u is None else np.asarray(u, dtype=np.float64)
+    if s.ndim == 1:
+        s = s[:, None]
+    if s.shape[1] != m or y.shape[1] != c or len(s) != len(y):
+        raise ValueError(f"minibatch shapes attributes {s.shape}, labels {y.shape} do not match "
+                         f"m={m} attributes and c={c} labels")
+    return s, y, u
+
+
+def write_keep_probabilities(batches: Iterable[Batch], duals: M4Duals, out: np.ndarray,
+                             *, fix_mean: bool = True) -> M4StatisticsAccumulator:
+    """The final pass: q into `out` (N,) float64 with mean(q) = eta; statistics of the input.
+
+    Holds only `out` and O(m * c) sums. Returns the accumulator of the unweighted ("before")
+    statistics. `duals.mu` is updated by the mean fix, so `duals.keep_probabilities`
+    reproduces `out`.
+    """
+    problem = duals.problem
+    before = M4StatisticsAccumulator(problem.pi)
+    position = 0
+    # First write w_i = eta + gamma u_i - shift_i (q before mu and the clip).
+    for batch in batches:
+        s, y, u = _unpack(batch, problem.num_attributes, problem.num_labels, False)
+        stop = position + len(s)
+        if stop > len(out):
+            raise ValueError(f"the minibatches hold more than the {len(out)} examples of `out`")
+        out[position:stop] = _targets(problem, len(s), u) - duals.shifts(s, y)
+        before.update(s, y, None)
+        position = stop
+    if position != len(out):
+        raise ValueError(f"the minibatches hold {position} examples, `out` has {len(out)}")
+    if fix_mean:
+        duals.mu = _solve_mu(out, problem.eta, duals.mu)
+    np.subtract(out, duals.mu, out=out)
+    np.clip(out, 0.0, 1.0, out=out)
+    return before
+
+
+def _solve_mu(w: np.ndarray, eta: float, mu0: float) -> float:
+    """mu with mean(clip(w - mu, 0, 1)) = eta (monotone, piecewise linear): safeguarded Newton."""
+    lo, hi = float(w.min()) - 1.0, float(w.max())  # mean = 1 at lo, 0 at hi
+    if eta >= 1.0:
+        return lo
+    mu = min(max(mu0, lo), hi)
+    for _ in range(100):
+        shifted = w - mu
+        value = float(np.clip(shifted, 0.0, 1.0).mean()) - eta
+        if abs(value) < 1e-12:
+            break
+        if value > 0:
+            lo = mu
+        else:
+            hi = mu
+        slope = float(((shifted > 0) & (shifted < 1)).mean())
+        step = mu + value / slope if slope > 0 else 0.5 * (lo + hi)
+        mu = step if lo < step < hi else 0.5 * (lo + hi)
+        if hi - lo < 1e-13:
+            break
+    return mu
+
+
+# ----------------------------------------------------------------------------- public entry
+
+
+def m4_keep_probabilities(attributes, labels, *, eta: float = 0.9, pi=0.5,
+                          eps_r=DEFAULT_EPS_R, eps_a=DEFAULT_EPS_A, utility=None,
+                          utility_weight: float = 1.0, enforcement: float = DEFAULT_ENFORCEMENT,
+                          solver: str = "streaming", batch_size: int = 65536, passes: int = 3,
+                          seed: int = 0, attribute_names: Sequence[str] | None = None,
+                          label_names: Sequence[str] | None = None, tolerance: float = 1e-4,
+                          on_violation: str = "warn") -> M4Result:
+    """Solve M4 (module doc) and return keep probabilities with a before/after report.
+
+    Args:
+        attributes: (N, m) bool or 0/1 sensitive attributes (overlap allowed).
+        labels: (N, c) bool or 0/1 labels / concept proxies (c may be 0).
+        eta: mean keep rate in (0, 1]. pi: scalar or (m,) representation targets.
+        eps_r: scalar or (m,) bound on |E_q[s_k] - pi_k|.
+        eps_a: scalar or (m, c) bound on |E_q[(s_k - pi_k) y_r]|.
+        utility: optional (N,) utilities; utility_weight: gamma (keep probability per unit u).
+        enforcement: C, price per unit of constraint violation (soft constraints).
+        solver: "streaming" (minibatch primal-dual, O(m c) memory) or "exact" (scipy, small N).
+        batch_size, passes, seed: streaming minibatch size, passes to fit the duals, and the
+            seed of the per-pass shuffle (q depends on it only through solver noise).
+        attribute_names, label_names: used in the report and messages.
+        tolerance: slack (E_q units) before a constraint counts as violated in the report.
+        on_violation: "warn" (log the failing constraints), "raise" (M4InfeasibleError naming
+            them and how close q got) or "ignore".
+
+    Returns:
+        M4Result with q (N,) float64 in [0, 1], mean(q) = eta.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if on_violation not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_violation must be 'warn', 'raise' or 'ignore', got {on_violation!r}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    s, y, u = validate_examples(attributes, labels, utility)
+    problem = M4Problem.build(s.shape[1], y.shape[1], eta=eta, pi=pi, eps_r=eps_r, eps_a=eps_a,
+                              utility_weight=utility_weight, enforcement=enforcement)
+    n = len(s)
+    if solver == "exact":
+        from pipeline.mixing.m4_exact import solve_exact
+
+        duals, info = solve_exact(s, y, u, problem)
+    else:
+        def shuffled() -> Iterator[Batch]:
+            order = rng.permutation(n)
+            for start in range(0, n, batch_size):
+                rows = np.sort(order[start:start + batch_size])  # sorted rows read faster
+                yield (s[rows], y[rows]) if u is None else (s[rows], y[rows], u[rows])
+
+        rng = np.random.default_rng(seed)
+        duals, info = fit_streaming(shuffled, problem, passes=passes, check_binary=False)
+    q = np.empty(n, dtype=np.float64)
+    in_order = ((s[i:i + batch_size], y[i:i + batch_size]) if u is None else
+                (s[i:i + batch_size], y[i:i + batch_size], u[i:i + batch_size])
+                for i in range(0, n, batch_size))
+    before_acc = write_keep_probabilities(in_order, duals, q)
+    names = (attribute_names, label_names)
+    before = before_acc.result(*names, problem.eps_r, problem.eps_a, tolerance)
+    after = m4_statistics(s, y, q, problem.pi, eps_r=problem.eps_r, eps_a=problem.eps_a,
+                          attribute_names=attribute_names, label_names=label_names,
+                          tolerance=tolerance, batch_size=batch_size)
+    objective, penalized = m4_objective(q, problem, u, after)
+    result = M4Result(q, duals, before, after, objective, penalized, solver, info)
+    if not result.feasible and on_violation != "ignore":
+        message = result.describe_violations()
+        if on_violation == "raise":
+            raise M4InfeasibleError(result.violations, message)
+        log.warning("%s", message)
+    return result
+
+
+def m4_subsample(q, seed: int) -> np.ndarray:
+    """Sorted int64 indices of a seeded Bernoulli(q_i) subsample (the paper's mode).
+
+    A pure function of (q, seed): the same call returns the same indices on every rank.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    if q.ndim != 1:
+        raise ValueError(f"q must be 1-D (N,), got shape {q.shape}")
+    if not np.isfinite(q).all() or (q < 0).any() or (q > 1).any():
+        raise ValueError("keep probabilities q must be in [0, 1]")
+    draws = np.random.default_rng(np.random.SeedSequence([int(seed), 0x4D34])).random(len(q))
+    return np.flatnonzero(draws < q)
+
+
+def solve_sources(sources: Mapping[str, tuple], **kwargs) -> tuple[dict[str, np.ndarray], M4Result]:
+    """Solve M4 jointly over several sources; returns ({source: q slice}, pooled result).
+
+    Args:
+        sources: {name: (attributes (n_i, m), labels (n_i, c)[, utility (n_i,)])}, all with the
+            same m and c columns in the same order.
+        kwargs: passed to `m4_keep_probabilities`.
+    """
+    if not sources:
+        raise ValueError("solve_sources needs at least one source")
+    names = list(sources)
+    parts = [tuple(sources[name]) for name in names]
+    for name, part in zip(names, parts, strict=True):
+        if len(part) not in (2, 3):
+            raise ValueError(f"source {name!r}: expected (attributes, labels[, utility])")
+    with_utility = {len(part) == 3 for part in parts}
+    if len(with_utility) > 1:
+        raise ValueError("either every source or none gives a utility column")
+    try:
+        s = np.concatenate([np.asarray(p[0]).reshape(len(p[0]), -1) for p in parts])
+        y = np.concatenate([np.asarray(p[1]) for p in parts])
+    except ValueError as error:
+        raise ValueError(f"sources {names} disagree on attribute/label columns: {error}") from None
+    u = np.concatenate([np.asarray(p[2], dtype=np.float64) for p in parts]) if True in with_utility else None
+    result = m4_keep_probabilities(s, y, utility=u, **kwargs)
+    bounds = np.cumsum([0] + [len(p[0]) for p in parts])
+    keep = {name: result.q[bounds[i]:bounds[i + 1]] for i, name in enumerate(names)}
+    return keep, result
+
+
+def examples_from_columns(table, attribute_columns: Sequence[str], label_columns: Sequence[str],
+                          utility_column: str | None = None):
+    """(attributes (N, m), labels (N, c), utility or None) from named columns of a table.
+
+    `table` is anything indexable by column name with a column list (`datasets.Dataset`,
+    pandas DataFrame, dict of arrays). A missing column raises ValueError naming it.
+    """
+    available = list(getattr(table, "column_names", None) or list(table.keys()))
+    for kind, columns in (("attribute", attribute_columns), ("label", label_columns),
+                          ("utility", [utility_column] if utility_column else [])):
+        missing = [col for col in columns if col not in available]
+        if missing:
+            raise ValueError(f"missing {kind} column(s) {missing}; the table has {available}")
+    if not attribute_columns:
+        raise ValueError("attribute_columns is empty: M4 needs at least one sensitive attribute")
+    n = len(table[attribute_columns[0]])
+    attributes = np.stack([np.asarray(table[col]) for col in attribute_columns], axis=1)
+    labels = (np.stack([np.asarray(table[col]) for col in label_columns], axis=1)
+              if label_columns else np.zeros((n, 0), dtype=bool))
+    utility = None if utility_column is None else np.asarray(table[utility_column], dtype=np.float64)
+    for key, values, names in (("attribute", attributes, attribute_columns), ("label", labels, label_columns)):
+        try:
+            _binary_matrix(values, key + "s")
+        except ValueError as error:
+            column = int(str(error).split("column ")[1].split()[0])
+            raise ValueError(f"{key} column {names[column]!r}: {error}") from None
+    return attributes, labels, utility
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def save_keep_probabilities(path: str | os.PathLike, keep: Mapping[str, np.ndarray]) -> None:
+    """Write {source: q} to an .npz file atomically (for `M4(keep=path)` in a config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
+        np.savez(handle, **{name: np.asarray(q, dtype=np.float64) for name, q in keep.items()})
+        tmp = handle.name
+    os.replace(tmp, path)
+
+
+def load_keep_probabilities(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"M4 keep-probability file {str(path)!r} does not exist")
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
+
+
+class M4(MixingStage):
+    """Mixing stage applying M4 keep probabilities per example (module doc for the contract).
+
+    Args:
+        keep: {source: (num_documents,) q in [0, 1]}, or a path to an .npz written by
+            `save_keep_probabilities`.
+        mode: "subsample" (seeded Bernoulli draw; plan.example_keep) or "weights"
+            (plan.example_weights = q / pooled mean q).
+        seed: seed of the subsample draw (per source: seeded by (seed, crc32(name))).
+        reweight_sources: in subsample mode, scale each source's sampling probability by its
+            kept fraction (default True; False keeps the left stage's probabilities).
+    """
+
+    def __init__(self, keep: Mapping[str, np.ndarray] | str | os.PathLike, mode: str = "subsample",
+                 seed: int = 0, reweight_sources: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"M4 mode must be one of {MODES}, got {mode!r}")
+        raw = load_keep_probabilities(keep) if isinstance(keep, str | os.PathLike) else dict(keep)
+        if not raw:
+            raise ValueError("M4 stage needs keep probabilities for at least one source")
+        self.keep: dict[str, np.ndarray] = {}
+        for name, q in raw.items():
+            q = np.asarray(q, dtype=np.float64)
+            if q.ndim != 1 or len(q) == 0:
+                raise ValueError(f"M4 keep probabilities for source {name!r} must be 1-D and non-empty, got shape {q.shape}")
+            if not np.isfinite(q).all() or (q < 0).any() or (q > 1).any():
+                raise ValueError(f"M4 keep probabilities for source {name!r} must be in [0, 1]")
+            self.keep[name] = q
+        self.mode = mode
+        self.seed = int(seed)
+        self.reweight_sources = bool(reweight_sources)
+        self.masks = {name: self._mask(name, q) for name, q in self.keep.items()} if mode == "subsample" else {}
+        pooled = np.concatenate(list(self.keep.values()))
+        self.pooled_keep_rate = float(pooled.mean())
+        if mode == "weights" and self.pooled_keep_rate == 0:
+            raise ValueError("M4 keep probabilities are all zero: nothing to weight")
+
+    def _mask(self, name: str, q: np.ndarray) -> np.ndarray:
+        mask = np.zeros(len(q), dtype=bool)
+        mask[m4_subsample(q, (self.seed << 32) ^ zlib.crc32(name.encode()))] = True
+        if not mask.any():
+            raise ValueError(f"M4 subsample of source {name!r} keeps no example (seed {self.seed})")
+        return mask
+
+    def kept_fraction(self, source: str) -> float:
+        """Fraction of the source's examples kept (drawn mask in subsample mode, mean q otherwise)."""
+        if source not in self.keep:
+            return 1.0
+        return float(self.masks[source].mean()) if self.mode == "subsample" else float(self.keep[source].mean())
+
+    def apply(self, sizes: Mapping[str, float], progress: float, previous: MixturePlan | None) -> MixturePlan:
+        names, array = validate_sizes(sizes)
+        unknown = sorted(set(self.keep) - set(names))
+        if unknown:
+            raise ValueError(f"M4 has keep probabilities for unknown source(s) {unknown}; sources are {list(names)}")
+        if previous is None:
+            probs, weights = array / array.sum(), np.ones(len(names))
+        else:
+            probs, weights = previous.sample_probs, previous.loss_weights
+        if self.mode == "weights":
+            example_weights = {name: q / self.pooled_keep_rate for name, q in self.keep.items()}
+            return MixturePlan(names, probs, weights, example_weights=example_weights)
+        if self.reweight_sources:
+            probs = probs * np.array([self.kept_fraction(name) for name in names])
+            probs = probs / probs.sum()
+        return MixturePlan(names, probs, weights, example_keep=dict(self.masks))
+
+    def __repr__(self) -> str:
+        return (f"M4(sources={sorted(self.keep)}, mode={self.mode!r}, seed={self.seed}, "
+                f"reweight_sources={self.reweight_sources})")
