@@ -68,6 +68,25 @@ def test_triton_equals_chunked_and_handles_strided_inputs():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_triton_micro_batches_with_global_normalizer_equal_full_batch():
+    hidden, weight, target, _, tw = make_flce_inputs(**TINY, weights=True, dtype=torch.float32)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, impl="triton")
+
+    def run(rows, normalizer=None):
+        h = hidden[rows].clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        loss = fused_linear_cross_entropy(h, w, target[rows], token_weight=tw[rows],
+                                          normalizer=normalizer, **opts)
+        return (loss.detach(), *torch.autograd.grad(loss, [h, w]))
+
+    full = run(slice(0, None))
+    count = (target != -100).sum()
+    parts = [run(slice(0, 20), count), run(slice(20, None), count)]  # uneven: 20 + 17
+    torch.testing.assert_close(parts[0][0] + parts[1][0], full[0])
+    torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]), full[1])
+    torch.testing.assert_close(parts[0][2] + parts[1][2], full[2])
+
+
 @pytest.mark.parametrize("weights", [False, True])
 def test_triton_contrastive_softmax(weights):
     check_contrastive_accuracy(contrastive_loss, b=21, d=24, kind="softmax", weights=weights,

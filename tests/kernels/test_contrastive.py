@@ -18,6 +18,42 @@ def test_chunked_fp32_no_worse_than_torch(kind, weights, block_size):
     assert [r[0] for r in results][:4] == ["loss", "grad_image", "grad_text", "grad_scale"]
 
 
+# See tests/kernels/test_fused_linear_ce.py for why half precision needs a small tolerance
+# (the final rounding of gradients to the input dtype). Measured excess here: 0 (bf16, fp16).
+HALF_TOL = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
+
+
+@pytest.mark.parametrize("weights", [False, True])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_chunked_no_worse_than_torch(dtype, kind, weights):
+    check_contrastive_accuracy(contrastive_loss, b=77, d=19, kind=kind, weights=weights,
+                               dtype=dtype, tol=HALF_TOL[dtype], impl="chunked", block_size=16)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_tiled_paths_save_no_b_by_b_tensor(kind):
+    b, d, block = 96, 8, 32
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(b, d, generator=gen, requires_grad=True)
+    y = torch.randn(b, d, generator=gen, requires_grad=True)
+    bias = -1.0 if kind == "sigmoid" else None
+
+    def saved_sizes(impl):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t,
+                                                      lambda t: t):
+            loss = contrastive_loss(x, y, kind=kind, logit_scale=3.0, logit_bias=bias,
+                                    impl=impl, block_size=block)
+        return loss, sizes
+
+    naive_loss, naive = saved_sizes("torch")
+    tiled_loss, tiled = saved_sizes("chunked")
+    assert max(naive) >= b * b  # the probe sees the reference's B x B logits
+    assert max(tiled) <= b * d  # features and (B,) statistics only
+    torch.testing.assert_close(tiled_loss, naive_loss)
+
+
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 def test_float64_matches_reference(kind):
     gen = torch.Generator().manual_seed(1)
@@ -94,6 +130,13 @@ def _bad_contrastive():
         ((x, y), dict(logit_scale=float("nan")), "logit_scale must be finite"),
         ((x, y), dict(logit_scale=1.0, logit_bias=1.0), "logit_bias is only used"),
         ((x, y), dict(logit_scale=1.0, block_size=0), "block_size"),
+        ((x[0], y[0]), dict(logit_scale=1.0), "image must be 2-D"),
+        ((x.long(), y.long()), dict(logit_scale=1.0), "floating tensor"),
+        ((x, y), dict(logit_scale=float("inf")), "logit_scale must be finite"),
+        ((x, y), dict(logit_scale=1.0, kind="sigmoid", logit_bias=torch.ones(3)),
+         "logit_bias must be a scalar"),
+        ((x, y), dict(logit_scale=1.0, kind="sigmoid", logit_bias=torch.tensor(float("nan"))),
+         "logit_bias must be finite"),
     ]
 
 
