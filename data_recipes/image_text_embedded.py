@@ -46,6 +46,10 @@ RGB = {"red": (0.85, 0.15, 0.1), "green": (0.15, 0.75, 0.2), "blue": (0.15, 0.3,
 DEFAULT_SIZES = {"eng": 3000, "fra": 1200, "deu": 400}
 LANGUAGES = ("eng", "fra", "deu")
 REFERENCE = "reference"
+# Zero-shot prompts (English, like the reference captions): one per label, and per attribute
+# an (absent, present) pair; the bias metrics compare their scores.
+LABEL_PROMPTS = [*(f"a picture of a {s}" for s in SHAPES), *(f"a picture of something {c}" for c in COLOURS)]
+ATTRIBUTE_PROMPTS = [["a picture with a bar", "a picture with a ring"], ["a picture", "a picture in a frame"]]
 
 # Caption pieces per language. French adjectives agree with the noun's gender; German ones
 # take the nominative ending after "ein" (masculine -er, neuter -es).
@@ -162,6 +166,7 @@ class ImageTextEmbedded:
                 "generator_version": GENERATOR_VERSION, "numpy": np.__version__.split(".")[0],
                 "sizes": self.sizes, "image_size": self.image_size, "ring_rate": self.ring_rate,
                 "frame_rate": self.frame_rate, "association": self.association,
+                "label_prompts": LABEL_PROMPTS, "attribute_prompts": ATTRIBUTE_PROMPTS,
                 "reference_size": self.reference_size, "seed": self.seed}
 
     def shape_probs(self, ring: int, association: float) -> np.ndarray:
@@ -186,6 +191,7 @@ class ImageTextEmbedded:
 
     def _attrs(self, role: str, **extra: Any) -> dict[str, Any]:
         return {"attribute_names": list(ATTRIBUTE_NAMES), "label_names": list(LABEL_NAMES),
+                "label_prompts": list(LABEL_PROMPTS), "attribute_prompts": [list(p) for p in ATTRIBUTE_PROMPTS],
                 "image_size": [self.image_size, self.image_size], "role": role, "origin": "generated",
                 **extra}
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import pipeline.config_schema  # noqa: F401  (registers base_config)
 from pipeline.datamodule import datamodule_from_config
+from pipeline.image_text import image_text_datamodule_from_config, is_image_text
 from pipeline.mixing.report import build_report, format_report
 from pipeline.prepare import prepare
 from pipeline.run_outputs import (
@@ -56,7 +57,9 @@ def train(cfg: DictConfig) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache / ".prepare.lock")):  # every launched process runs this entry
         corpus, tokenizer = prepare(cfg)
-    datamodule = datamodule_from_config(cfg, corpus, tokenizer)
+    # Image-text sources train the contrastive model (pipeline/image_text.py); text the LM.
+    build = image_text_datamodule_from_config if is_image_text(cfg, corpus) else datamodule_from_config
+    datamodule = build(cfg, corpus, tokenizer)
     report = build_report(datamodule.sampler, size_unit=cfg.mixture.size_unit,
                           max_epochs=cfg.report.max_epochs)
     rank_zero_info("\n" + format_report(report))

@@ -1,0 +1,299 @@
+"""Image-text examples: prepared ``image_text`` sources -> the mixture sampler -> batches.
+
+Image-text sources (one per caption language) go through the same mixing stages, sampler,
+per-source split and resumable stream as text (`pipeline.datamodule`); only the rows differ.
+A batch carries:
+
+* ``images`` (B, 3, H, W) float32 in [-1, 1]; ``input_ids`` (B, T) ``<bos> caption <eos>``
+  right-padded, ``eos_positions`` (B,) the index of each row's last real token;
+* ``attributes`` (B, m) and ``labels`` (B, c) as 0/1 floats;
+* ``source_ids`` (B,); ``weights`` (B,): the plan's loss weight of the row's source at its
+  step times the row's example weight (M4 ``mode=weights``; 1 otherwise), 1 for validation
+  rows and 0 for padding rows;
+* ``is_reference`` (B,): rows of a ``role=reference`` source (bias evaluation only).
+
+Reference sources (``attributes.role == "reference"`` in the manifest) never enter training;
+validation reads every row of them after the held-out rows of the training sources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.datamodule import MixtureDataModule, build_split, select_sources
+from pipeline.examples import PADDING_STEP, VALIDATION_STEP
+from pipeline.row_reader import RowReader
+from pipeline.split import SourceSplit
+
+REFERENCE_ROLE = "reference"
+
+
+def image_text_info(corpus, names: Sequence[str]) -> dict[str, Any]:
+    """Shared metadata of image-text sources: attribute/label names, image size, prompts.
+
+    Raises:
+        ValueError: a source is not ``image_text``, or the sources disagree on names or size.
+    """
+    info: dict[str, Any] | None = None
+    for name in names:
+        if corpus.kind(name) != "image_text":
+            raise ValueError(f"source {name!r} is {corpus.kind(name)!r}, not image_text; "
+                             "set sources.kinds=[image_text] for a multimodal run")
+        attrs = corpus.source_info(name).get("attributes", {})
+        mine = {key: attrs.get(key) for key in ("attribute_names", "label_names", "image_size",
+                                                 "label_prompts", "attribute_prompts")}
+        if info is None:
+            info = mine
+        elif {k: mine[k] for k in ("attribute_names", "label_names", "image_size")} != \
+                {k: info[k] for k in ("attribute_names", "label_names", "image_size")}:
+            raise ValueError(f"image_text source {name!r} disagrees with {names[0]!r} on attribute "
+                             f"names, label names or image size: {mine} vs {info}")
+    if info is None:
+        raise ValueError("no image_text sources given")
+    return info
+
+
+def reference_sources(corpus) -> list[str]:
+    """Names of the corpus's ``role=reference`` image-text sources."""
+    return [n for n in corpus.source_names if corpus.kind(n) == "image_text"
+            and corpus.source_info(n).get("attributes", {}).get("role") == REFERENCE_ROLE]
+
+
+def decode_images(blobs: Sequence[bytes], size: Sequence[int], where: str = "") -> torch.Tensor:
+    """Raw RGB bytes -> (B, 3, H, W) float32 in [-1, 1]."""
+    h, w = int(size[0]), int(size[1])
+    expected = h * w * 3
+    for i, blob in enumerate(blobs):
+        if len(blob) != expected:
+            state = "no image (records-only source)" if not blob else f"{len(blob)} bytes"
+            raise ValueError(f"{where}row {i}: image has {state}, expected {h}x{w}x3 = {expected} "
+                             "bytes; training needs images")
+    array = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), h, w, 3)
+    return torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+class KeptSplit(SourceSplit):
+    """A split whose training side is a kept subset (M4 ``mode=subsample``).
+
+    Training example j of source n is the j-th kept row; validation is the base split's.
+
+    Args:
+        base: the full per-source split.
+        kept: {source: sorted training indices of `base` to keep}.
+    """
+
+    def __init__(self, base: SourceSplit, kept: Mapping[str, np.ndarray]):
+        self.__dict__.update(base.__dict__)
+        self.base = base
+        self.kept = {}
+        for name in base.sources:
+            idx = np.asarray(kept[name], dtype=np.int64)
+            if idx.size == 0:
+                raise ValueError(f"M4 kept no training example of source {name!r}")
+            if idx.min() < 0 or idx.max() >= base.train[name]:
+                raise ValueError(f"kept indices out of range for source {name!r}")
+            self.kept[name] = idx
+        self.train = {name: int(self.kept[name].size) for name in base.sources}
+
+    def rows_many(self, names, source_ids, indices, part="train"):
+        if part != "train":
+            return self.base.rows_many(names, source_ids, indices, part)
+        source_ids = np.asarray(source_ids, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64)
+        base_indices = np.empty_like(indices)
+        for s in np.unique(source_ids).tolist():
+            at = source_ids == s
+            kept = self.kept[names[s]]
+            if indices[at].size and (indices[at].min() < 0 or indices[at].max() >= kept.size):
+                raise ValueError(f"train index out of range for source {names[s]!r} ({kept.size} kept rows)")
+            base_indices[at] = kept[indices[at]]
+        return self.base.rows_many(names, source_ids, base_indices, part)
+
+    def train_rows(self, name, indices):
+        return self.base.train_rows(name, self.kept[name][np.asarray(indices, dtype=np.int64)])
+
+
+class ImageTextDataset(Dataset):
+    """Map-style dataset over (source_id, example_index, step) triples of image-text sources.
+
+    Args:
+        corpus, tokenizer: a `PreparedCorpus` and its `Tokenizer`.
+        sources: training sources (source_id indexes them); `reference` follow them, so
+            source_id >= len(sources) reads reference row `example_index` directly.
+        split: the per-source split; `part` picks the side for training sources.
+        max_length: caption tokens per row including bos/eos.
+        example_weights: optional {source: (train size,) float} per-example loss weights.
+    """
+
+    def __init__(self, corpus, tokenizer, sources: Sequence[str], split: SourceSplit,
+                 part: str = "train", max_length: int = 32, reference: Sequence[str] = (),
+                 example_weights: Mapping[str, np.ndarray] | None = None):
+        if part not in ("train", "val"):
+            raise ValueError(f"part must be 'train' or 'val', got {part!r}")
+        if max_length < 4:
+            raise ValueError(f"max_length must be >= 4 tokens, got {max_length}")
+        self.sources, self.reference = list(sources), list(reference)
+        self.info = image_text_info(corpus, self.sources + self.reference)
+        self.corpus, self.tokenizer, self.split, self.part = corpus, tokenizer, split, part
+        self.reader = RowReader(corpus, self.sources + self.reference)
+        self.max_length = int(max_length)
+        self.example_weights = dict(example_weights or {})
+
+    def build(self, items: Sequence[tuple[int, int, int]]) -> list[dict[str, Any]]:
+        if not items:
+            return []
+        source_ids = np.fromiter((it[0] for it in items), dtype=np.int64, count=len(items))
+        indices = np.fromiter((it[1] for it in items), dtype=np.int64, count=len(items))
+        num = len(self.sources)
+        rows = indices.copy()
+        own = source_ids < num
+        if own.any():
+            rows[own] = self.split.rows_many(self.sources, source_ids[own], indices[own], self.part)
+        records = self.reader.read(source_ids, rows)
+        encoded = self.tokenizer.encode([r["text"] for r in records])
+        tok = self.tokenizer
+        examples = []
+        for (source_id, index, step), record, ids in zip(items, records, encoded, strict=True):
+            weight = 1.0
+            name = self.sources[source_id] if source_id < num else None
+            if self.part == "train" and name in self.example_weights:
+                weight = float(self.example_weights[name][index])
+            examples.append({
+                "ids": [tok.bos_id, *ids[: self.max_length - 2], tok.eos_id], "image": record["image"],
+                "attributes": record["attributes"], "labels": record["labels"],
+                "source_id": int(source_id), "index": int(index), "step": int(step),
+                "example_weight": weight, "is_reference": source_id >= num,
+            })
+        return examples
+
+    def __getitems__(self, items) -> list[dict[str, Any]]:
+        return self.build(items)
+
+    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
+        return self.build([item])[0]
+
+    def __len__(self) -> int:
+        table = self.split.train if self.part == "train" else self.split.val
+        return sum(table[name] for name in self.sources)
+
+
+class ImageTextCollator:
+    """Examples -> tensors (see the module docstring).
+
+    Args:
+        loss_weights: callable step -> (S,) plan loss weights (None for validation).
+        pad_id: padding token id; image_size: (H, W).
+    """
+
+    def __init__(self, loss_weights, pad_id: int, image_size: Sequence[int]):
+        self.loss_weights, self.pad_id, self.image_size = loss_weights, pad_id, tuple(image_size)
+
+    def _weight(self, example: dict[str, Any], cache: dict[int, Any]) -> float:
+        step = example["step"]
+        if step == PADDING_STEP:
+            return 0.0
+        if step == VALIDATION_STEP:
+            return 1.0
+        if step not in cache:
+            cache[step] = self.loss_weights(step)
+        return float(cache[step][example["source_id"]]) * example["example_weight"]
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        cache: dict[int, Any] = {}
+        length = max(len(e["ids"]) for e in examples)
+        input_ids = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
+        for r, e in enumerate(examples):
+            input_ids[r, : len(e["ids"])] = torch.tensor(e["ids"])
+        return {
+            "images": decode_images([e["image"] for e in examples], self.image_size),
+            "input_ids": input_ids,
+            "eos_positions": torch.tensor([len(e["ids"]) - 1 for e in examples]),
+            "attributes": torch.tensor([e["attributes"] for e in examples], dtype=torch.float32),
+            "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.float32),
+            "source_ids": torch.tensor([e["source_id"] for e in examples]),
+            "example_index": torch.tensor([e["index"] for e in examples]),
+            "step": torch.tensor([e["step"] for e in examples]),
+            "weights": torch.tensor([self._weight(e, cache) for e in examples], dtype=torch.float32),
+            "is_reference": torch.tensor([e["is_reference"] for e in examples]),
+        }
+
+
+class ImageTextDataModule(MixtureDataModule):
+    """`MixtureDataModule` whose rows are image-text pairs (same sampler, split, resume).
+
+    Args:
+        reference: ``role=reference`` sources evaluated (every row) after validation rows.
+        example_weights: per-example loss weights of the training rows (M4 ``mode=weights``).
+        Others as `MixtureDataModule` (max_length counts caption tokens).
+    """
+
+    def __init__(self, corpus, tokenizer, sampler, split: SourceSplit, micro_batch_size: int,
+                 max_length: int = 32, num_workers: int = 0, reference: Sequence[str] = (),
+                 example_weights: Mapping[str, np.ndarray] | None = None):
+        super().__init__(corpus, tokenizer, sampler, split, micro_batch_size, max(4, max_length),
+                         num_workers=num_workers)
+        self.reference = list(reference)
+        self.train_set = ImageTextDataset(corpus, tokenizer, self.sources, split, "train", max_length,
+                                          self.reference, example_weights)
+        self.val_set = ImageTextDataset(corpus, tokenizer, self.sources, split, "val", max_length,
+                                        self.reference)
+        self.info = self.train_set.info
+        size = self.info["image_size"]
+        self.collate = ImageTextCollator(lambda step: sampler.plan_at(step).loss_weights,
+                                         tokenizer.pad_id, size)
+        self.val_collate = ImageTextCollator(lambda step: None, tokenizer.pad_id, size)
+
+    def val_items(self, rank: int = 0, world_size: int = 1) -> list[list[tuple[int, int, int]]]:
+        """Held-out rows of the training sources, then every reference row; sharded by rank
+        and padded so every rank runs the same number of forward passes."""
+        items = [(s, j, VALIDATION_STEP) for s, name in enumerate(self.sources) for j in range(self.split.val[name])]
+        offset = len(self.sources)
+        items += [(offset + r, j, VALIDATION_STEP) for r, name in enumerate(self.reference)
+                  for j in range(self.corpus.num_documents(name))]
+        if not items:
+            return []
+        per_rank = -(-len(items) // world_size)
+        items = items + [(items[0][0], items[0][1], PADDING_STEP)] * (per_rank * world_size - len(items))
+        mine = items[rank::world_size]
+        size = self.micro_batch_size
+        return [mine[i:i + size] for i in range(0, len(mine), size)]
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._world()
+        return DataLoader(self.val_set, batch_sampler=self.val_items(rank, world),
+                          collate_fn=self.val_collate, num_workers=self.num_workers)
+
+
+def is_image_text(cfg, corpus) -> bool:
+    """Whether the run's selected sources are image-text (then every one must be)."""
+    names = select_sources(corpus, cfg.sources.kinds, cfg.sources.include, cfg.sources.exclude)
+    kinds = {corpus.kind(n) for n in names}
+    if "image_text" in kinds and len(kinds) > 1:
+        raise ValueError(f"sources mix image_text with {sorted(kinds - {'image_text'})}; a run trains "
+                         "either a language model or a contrastive image-text model")
+    return kinds == {"image_text"}
+
+
+def image_text_datamodule_from_config(cfg, corpus, tokenizer) -> ImageTextDataModule:
+    """The run's image-text datamodule: selected sources, split, optional M4 balancing, sampler."""
+    from pipeline.datamodule import build_sampler_for
+
+    names = select_sources(corpus, cfg.sources.kinds, cfg.sources.include, cfg.sources.exclude)
+    info = image_text_info(corpus, names)
+    reference = [n for n in reference_sources(corpus) if n not in names]
+    split = build_split(cfg, corpus, names)
+    example_weights = None
+    balance = cfg.get("balance") or {}
+    if balance and balance.get("method", "none") != "none":
+        from pipeline.multimodal_balance import balance_split
+
+        split, example_weights = balance_split(balance, corpus, names, split, info, seed=cfg.seed)
+    sampler = build_sampler_for(cfg, corpus, split)
+    loader = cfg.loader
+    return ImageTextDataModule(corpus, tokenizer, sampler, split, loader.micro_batch_size, loader.max_length,
+                               loader.num_workers, reference, example_weights)
