@@ -63,6 +63,11 @@ class CheckpointSchema:
 
 
 @dataclass
+class ResumeSchema:
+    allow_mismatch: bool = False  # resume although sources, mixture or tokenizer changed
+
+
+@dataclass
 class EvaluationSchema:
     every_n_steps: Optional[int] = None  # noqa: UP045
 
@@ -91,6 +96,7 @@ class RootSchema:
     logger: Any = None
     launch: Any = None  # cluster job settings (scripts/make_sbatch.py); training ignores it
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
+    resume: ResumeSchema = field(default_factory=ResumeSchema)
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
     run: RunSchema = field(default_factory=RunSchema)
     sources: SourcesSchema = field(default_factory=SourcesSchema)

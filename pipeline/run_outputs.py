@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.checkpointing import AtomicModelCheckpoint
 from pipeline.metrics import source_key
 
 # Keys that say where a run lives, not what it computes: left out of the digest.
-_PLACE_KEYS = ("output_dir", "ckpt_path", "cache_dir", "progress", "launch")
+_PLACE_KEYS = ("output_dir", "ckpt_path", "resume", "cache_dir", "progress", "launch")
 
 
 def config_digest(cfg: DictConfig) -> str:
@@ -39,9 +40,36 @@ def build_logger(cfg: DictConfig, output_dir: Path):
     return instantiate(logger_cfg, save_dir=str(output_dir))
 
 
-def build_callbacks(cfg: DictConfig, output_dir: Path) -> list:
-    callbacks: list = [ModelCheckpoint(
-        dirpath=str(output_dir / "checkpoints"),
+# Transformer settings that decide parameter shapes (dropout, max_length do not).
+_SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
+
+
+def run_identity(cfg: DictConfig, datamodule, tokenizer) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: data, stream, tokenizer, model shape.
+
+    Stored in every checkpoint and in `checkpoints/last.json`; `pipeline.train` compares it
+    before loading anything. `sampler_stream` is the sampler's fingerprint (mode, seed, global
+    batch size and the mixture schedule over `run.total_steps`).
+    """
+    transformer = OmegaConf.to_container(cfg.model.transformer, resolve=True)
+    return {
+        "sources": list(datamodule.sources),
+        "mixture": OmegaConf.to_container(cfg.mixture, resolve=True),
+        "sampler_stream": datamodule.sampler.fingerprint,
+        "tokenizer": tokenizer.content_hash,
+        "model_shape": {"vocab_size": tokenizer.vocab_size,
+                        **{key: transformer.get(key) for key in _SHAPE_KEYS}},
+    }
+
+
+def checkpoints_dir_of(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def build_callbacks(cfg: DictConfig, output_dir: Path, identity: dict[str, Any] | None = None) -> list:
+    callbacks: list = [AtomicModelCheckpoint(
+        identity=identity,
+        dirpath=str(checkpoints_dir_of(output_dir)),
         filename="step{step:06d}",
         auto_insert_metric_name=False,
         every_n_train_steps=cfg.checkpoint.every_n_steps,

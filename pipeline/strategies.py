@@ -96,6 +96,11 @@ def deepspeed(stage: int = 2, offload_optimizer: bool = False, offload_parameter
     )
 
 
+def is_sharded(strategy: Any) -> bool:
+    """Whether checkpoints are per-rank shards in a directory (DeepSpeed) rather than one file."""
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
 def ddp(find_unused_parameters: bool = False, **kwargs: Any) -> DDPStrategy:
     return DDPStrategy(find_unused_parameters=find_unused_parameters, **kwargs)
 

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 import pipeline.config_schema  # noqa: F401  (registers base_config)
+from pipeline.checkpointing import AtomicCheckpointIO, check_resume_identity, resolve_checkpoint
 from pipeline.datamodule import datamodule_from_config
 from pipeline.image_text import image_text_datamodule_from_config, is_image_text
 from pipeline.mixing.report import build_report, format_report
@@ -27,12 +28,15 @@ from pipeline.prepare import prepare
 from pipeline.run_outputs import (
     build_callbacks,
     build_logger,
+    checkpoints_dir_of,
     config_digest,
     format_results_table,
     log_run_start,
     results_record,
+    run_identity,
     write_results,
 )
+from pipeline.strategies import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,24 @@ def output_dir_of(cfg: DictConfig) -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path("outputs") / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path, identity: dict) -> tuple[str | None, bool]:
+    """(checkpoint to load or None, whether the data stream restarts at its step).
+
+    `ckpt_path=last` follows `checkpoints/last.json` (none yet: start from scratch). The
+    checkpoint's identity is checked here, before any weights load or process starts.
+    """
+    path = resolve_checkpoint(cfg.get("ckpt_path"), checkpoints_dir_of(output_dir))
+    if path is None:
+        if cfg.get("ckpt_path"):
+            rank_zero_info(f"ckpt_path={cfg.ckpt_path}: no complete checkpoint yet, starting from scratch")
+        return None, False
+    differing = check_resume_identity(path, identity, bool(cfg.resume.allow_mismatch))
+    if differing:
+        log.warning("resuming from %s although %s differ (resume.allow_mismatch=true)", path, ", ".join(differing))
+    rank_zero_info(f"resuming from {path}")
+    return str(path), bool(set(differing) & {"sources", "mixture", "sampler_stream"})
 
 
 def train(cfg: DictConfig) -> dict:
@@ -63,6 +85,8 @@ def train(cfg: DictConfig) -> dict:
     report = build_report(datamodule.sampler, size_unit=cfg.mixture.size_unit,
                           max_epochs=cfg.report.max_epochs)
     rank_zero_info("\n" + format_report(report))
+    identity = run_identity(cfg, datamodule, tokenizer)
+    ckpt_path, restart_stream = resume_checkpoint(cfg, output_dir, identity)
 
     sources = datamodule.sources
     model = instantiate(
@@ -73,13 +97,21 @@ def train(cfg: DictConfig) -> dict:
                                  for lang in (corpus.source_info(n)["src_lang"], corpus.source_info(n)["tgt_lang"])}),
         tokenizer_path=str(tokenizer.path), _convert_="all",
     )
+    model.restart_stream_on_load = restart_stream
     logger = build_logger(cfg, output_dir)
+    strategy = instantiate(cfg.strategy)
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # `+trainer.max_steps=N` stops this invocation early (a time-limited job); the plan, the
+    # schedule and the mixture still span run.total_steps, so a resume continues the same run.
+    max_steps = trainer_args.pop("max_steps", None) or cfg.run.total_steps
     trainer = pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        strategy=instantiate(cfg.strategy),
+        **trainer_args,
+        strategy=strategy,
+        # Sharded (DeepSpeed) checkpoints are directories staged by the checkpoint callback.
+        plugins=None if is_sharded(strategy) else [AtomicCheckpointIO()],
         logger=logger,
-        callbacks=build_callbacks(cfg, output_dir),
-        max_steps=cfg.run.total_steps,
+        callbacks=build_callbacks(cfg, output_dir, identity),
+        max_steps=max_steps,
         default_root_dir=str(output_dir),
         use_distributed_sampler=False,  # the datamodule shards the global stream by rank
     )
@@ -91,7 +123,7 @@ def train(cfg: DictConfig) -> dict:
 
     status = "completed"
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except BaseException as error:
         status = f"failed: {type(error).__name__}: {error}"
         raise

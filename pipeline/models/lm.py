@@ -76,6 +76,8 @@ class LanguageModel(pl.LightningModule):
         self._tokenizer = None
         self._normalizer: torch.Tensor | None = None
         self._step_loss = 0.0
+        # Set by pipeline.train for `resume.allow_mismatch=true` with other data or mixture.
+        self.restart_stream_on_load = False
 
     # -- setup -----------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -100,6 +102,16 @@ class LanguageModel(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, warmup, total, name, floor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this before it restores the datamodule. When a resume was allowed
+        # to change the sources or mixture, the saved sampler state belongs to another
+        # stream (its check would refuse it): continue this run's stream at the saved step.
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if not self.restart_stream_on_load or datamodule is None:
+            return
+        checkpoint[type(datamodule).__qualname__] = {
+            "sampler": datamodule.sampler.state_dict(int(checkpoint["global_step"]))}
 
     # -- training --------------------------------------------------------------------------
     def _hidden(self, batch) -> torch.Tensor:

@@ -37,7 +37,7 @@ def test_every_experiment_composes_and_trains_a_few_steps(experiment, compose_co
     assert record["status"] == "completed" and record["global_steps"] == 3
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config_digest"] == record["config_digest"]
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((tmp_path / "checkpoints" / "last.json").read_text())["checkpoint"] == "step000003.ckpt"
     losses = [s["val_loss"] for s in saved["sources"].values()]
     assert all(0 < loss < 20 for loss in losses)
     if experiment == "tatoeba_translation":
