@@ -94,7 +94,9 @@ class RootSchema:
     trainer: Any = MISSING
     strategy: Any = MISSING
     logger: Any = None
+    record_consumed: bool = False  # log each rank's trained (step, source, index) to <run>/consumed/
     launch: Any = None  # cluster job settings (scripts/make_sbatch.py); training ignores it
+    balance: Any = None  # per-example balancing of image-text sources (balance=m4; conf/balance)
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     resume: ResumeSchema = field(default_factory=ResumeSchema)
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)

@@ -19,7 +19,7 @@ from pipeline.checkpointing import AtomicModelCheckpoint
 from pipeline.metrics import source_key
 
 # Keys that say where a run lives, not what it computes: left out of the digest.
-_PLACE_KEYS = ("output_dir", "ckpt_path", "resume", "cache_dir", "progress", "launch")
+_PLACE_KEYS = ("output_dir", "ckpt_path", "resume", "cache_dir", "progress", "launch", "record_consumed")
 
 
 def config_digest(cfg: DictConfig) -> str:
@@ -78,6 +78,10 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, identity: dict[str, Any] 
     )]
     if cfg.get("logger") and cfg.logger.get("_target_"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.get("record_consumed"):
+        from pipeline.elastic import ConsumedExamplesLog
+
+        callbacks.append(ConsumedExamplesLog(output_dir / "consumed"))
     return callbacks
 
 

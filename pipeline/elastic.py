@@ -1,0 +1,186 @@
+"""Resuming at another world size: consolidate sharded ZeRO checkpoints; audit the data stream.
+
+DeepSpeed refuses to load a ZeRO-1/2/3 checkpoint at another data-parallel size ("Automatic
+adjustment of ZeRO's optimizer state partitioning with a new world size is not currently
+supported"), and its universal checkpoint needs ``universal_checkpoint_info`` that only
+Megatron-DeepSpeed writes. So a sharded checkpoint is *consolidated*: every rank's flat
+partition of the fp32 master weights and of the Adam moments is gathered back into full
+per-parameter tensors (DeepSpeed's own `zero_to_fp32` merge routines, applied to the
+moments as well as the weights) and written as a plain Lightning checkpoint: model
+``state_dict``, ``optimizer_states`` in `torch.optim.AdamW` layout, the scheduler, loops,
+callbacks and the datamodule's sampler state. That file loads with no DeepSpeed
+(`LanguageModel.load_from_checkpoint`) and resumes training exactly at any world size with
+the single-device or DDP strategy. The data stream needs nothing: the sampler's state is the
+step, and rank r of W' takes slice r of each global batch.
+
+`ConsumedExamplesLog` (``record_consumed=true``) writes which (source, example) pairs each
+rank trained on, so tests and users can check that a resumed run continued the stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+# Keys of DeepSpeed's model-states file that are DeepSpeed's, not Lightning's client state.
+_DEEPSPEED_KEYS = frozenset({
+    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
+    "global_steps", "global_samples", "dp_world_size", "mp_world_size",
+    "checkpoint_parallel_dimensions", "ds_config", "ds_version", "csr_tensor_module_names",
+})
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+CONSOLIDATED_KEY = "mixpipe_consolidated_from"
+
+
+# -- consolidation -------------------------------------------------------------------------
+def _tag_dir(checkpoint: Path) -> Path:
+    """The shard directory of a Lightning DeepSpeed checkpoint (``<ckpt>/<tag from 'latest'>``)."""
+    latest = checkpoint / "latest"
+    if not checkpoint.is_dir() or not latest.is_file():
+        raise ValueError(f"{checkpoint} is not a sharded DeepSpeed checkpoint (no directory with a "
+                         "'latest' file); single-file checkpoints need no consolidation")
+    tag_dir = checkpoint / latest.read_text().strip()
+    if not tag_dir.is_dir():
+        raise ValueError(f"{latest} names tag {tag_dir.name!r}, which is not a directory")
+    return tag_dir
+
+
+def _base_optimizer_state(optim: dict[str, Any]) -> dict[str, Any]:
+    inner = optim["optimizer_state_dict"]
+    state = inner.get("base_optimizer_state", inner.get("optimizer_state_dict"))  # stage <=2 / 3
+    if not isinstance(state, dict) or "state" not in state:
+        raise ValueError("ZeRO optimizer shard holds no base optimizer state (optimizer offloaded "
+                         "to NVMe, or a DeepSpeed version this code does not know)")
+    return state
+
+
+def _merge(zero_stage: int, flat_groups: list, world_size: int, model_states: list,
+           paddings) -> dict[str, torch.Tensor]:
+    """Full tensors per parameter name from per-rank flat partitions (weights or a moment)."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    merged: dict[str, Any] = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # the merge routines print progress
+        if zero_stage <= 2:
+            z._zero2_merge_trainable_params(merged, world_size, flat_groups, model_states, paddings)
+        else:
+            z._zero3_merge_trainable_params(merged, world_size, flat_groups, model_states)
+    return {name: value.contiguous().clone() for name, value in merged.items()}
+
+
+def consolidate_zero_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """A plain Lightning checkpoint (one dict) from a sharded DeepSpeed checkpoint directory.
+
+    Returns the client state Lightning saved (loops, callbacks, schedulers, datamodule, run
+    identity) plus ``state_dict`` (fp32, every parameter and buffer) and ``optimizer_states``
+    (`torch.optim` layout: parameters numbered across the optimizer's groups in order).
+
+    Raises:
+        ValueError: not a DeepSpeed checkpoint directory, or missing / inconsistent shards.
+    """
+    from deepspeed.utils import zero_to_fp32 as z
+
+    checkpoint = Path(checkpoint)
+    tag_dir = _tag_dir(checkpoint)
+    try:
+        model_files = z.get_model_state_files(str(tag_dir))
+        optim_files = z.get_optim_files(str(tag_dir))
+    except FileNotFoundError as error:
+        raise ValueError(f"{checkpoint}: {error}") from error
+    shards = [torch.load(f, map_location="cpu", weights_only=False) for f in optim_files]
+    first = shards[0]["optimizer_state_dict"]
+    zero_stage = int(first["zero_stage"])
+    world_size = first["partition_count"]
+    world_size = max(world_size) if isinstance(world_size, list) else int(world_size)
+    if world_size != len(shards):
+        raise ValueError(f"{tag_dir}: {len(shards)} optimizer shard(s) for a ZeRO world size of "
+                         f"{world_size}; the checkpoint is incomplete")
+    with contextlib.redirect_stdout(io.StringIO()):
+        model_states = z.parse_model_states(model_files)
+    paddings = first.get("param_alignment_paddings")
+    flat_key = "single_partition_of_fp32_groups" if zero_stage <= 2 else "fp32_flat_groups"
+
+    weights = _merge(zero_stage, [s["optimizer_state_dict"][flat_key] for s in shards],
+                     world_size, model_states, paddings)
+    bases = [_base_optimizer_state(s) for s in shards]
+    groups = len(bases[0]["param_groups"])
+    moments = {key: _merge(zero_stage, [[b["state"][g][key] for g in range(groups)] for b in bases],
+                           world_size, model_states, paddings) for key in _MOMENTS}
+
+    client = torch.load(z.get_model_state_file(str(tag_dir), zero_stage), map_location="cpu",
+                        weights_only=False)
+    state_dict = {**model_states[0].buffers, **weights}
+    for alias, source in model_states[0].shared_params:  # tied parameters saved once
+        state_dict[alias] = state_dict[source]
+    state_dict = {name.removeprefix("_forward_module."): value for name, value in state_dict.items()}
+
+    # torch.optim numbers parameters across groups in order; DeepSpeed recorded each group's
+    # parameter names in that order (`param_shapes`), so the numbering is reproducible here.
+    optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
+    param_groups = []
+    number = 0
+    for g, shapes in enumerate(model_states[0].param_shapes):
+        step = bases[0]["state"][g]["step"]
+        ids = []
+        for name in shapes:
+            optimizer_state[number] = {"step": step.clone(), **{k: moments[k][name] for k in _MOMENTS}}
+            ids.append(number)
+            number += 1
+        param_groups.append({**bases[0]["param_groups"][g], "params": ids})
+
+    result = {key: value for key, value in client.items() if key not in _DEEPSPEED_KEYS}
+    result["state_dict"] = state_dict
+    result["optimizer_states"] = [{"state": optimizer_state, "param_groups": param_groups}]
+    result[CONSOLIDATED_KEY] = {"checkpoint": str(checkpoint), "zero_stage": zero_stage,
+                                "world_size": world_size}
+    return result
+
+
+# -- the consumed stream -------------------------------------------------------------------
+class ConsumedExamplesLog(Callback):
+    """Appends every training micro-batch's (step, rank, source, example index) to
+    ``<directory>/rank<r>.jsonl`` (one JSON object per micro-batch, flushed)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._micro: dict[int, int] = defaultdict(int)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = int(batch["step"][0])
+        names = trainer.datamodule.sources
+        record = {"step": step, "rank": trainer.global_rank, "micro": self._micro[step],
+                  "source": [names[i] for i in batch["source_ids"].tolist()],
+                  "index": batch["example_index"].tolist()}
+        self._micro[step] += 1
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / f"rank{trainer.global_rank}.jsonl", "a") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+
+def read_consumed(directory: str | Path) -> list[tuple[int, str, int]]:
+    """The global stream a run trained on: (step, source, index) in stream order.
+
+    Stream order within a step is rank-major, then micro-batch (rank r holds slice r).
+
+    Raises:
+        ValueError: a step whose ranks disagree about the world size, or a micro-batch logged twice.
+    """
+    records = []
+    for path in sorted(Path(directory).glob("rank*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line]
+    seen = set()
+    for r in records:
+        key = (r["step"], r["rank"], r["micro"])
+        if key in seen:
+            raise ValueError(f"{directory}: step {key[0]} rank {key[1]} micro-batch {key[2]} logged twice")
+        seen.add(key)
+    records.sort(key=lambda r: (r["step"], r["rank"], r["micro"]))
+    return [(r["step"], s, i) for r in records for s, i in zip(r["source"], r["index"], strict=True)]
