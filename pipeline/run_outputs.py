@@ -51,14 +51,17 @@ def run_identity(cfg: DictConfig, datamodule, tokenizer) -> dict[str, Any]:
     before loading anything. `sampler_stream` is the sampler's fingerprint (mode, seed, global
     batch size and the mixture schedule over `run.total_steps`).
     """
-    transformer = OmegaConf.to_container(cfg.model.transformer, resolve=True)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    # The LM has `transformer`; the contrastive model `text_tower` plus `image_tower`.
+    transformer = model.get("transformer") or model.get("text_tower") or {}
+    extra = {"image_tower": model["image_tower"]} if "image_tower" in model else {}
     return {
         "sources": list(datamodule.sources),
         "mixture": OmegaConf.to_container(cfg.mixture, resolve=True),
         "sampler_stream": datamodule.sampler.fingerprint,
         "tokenizer": tokenizer.content_hash,
         "model_shape": {"vocab_size": tokenizer.vocab_size,
-                        **{key: transformer.get(key) for key in _SHAPE_KEYS}},
+                        **{key: transformer.get(key) for key in _SHAPE_KEYS}, **extra},
     }
 
 
