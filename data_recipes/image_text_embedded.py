@@ -13,7 +13,7 @@ Per example:
   ``ring``: a ring marker in a corner (1) versus a bar marker (0); ``frame``: a light frame
   around the image. Both are visible and named in the caption, the way perceived gender is
   visible in a photo and named in its caption.
-* representation skew: P(ring = 1) = ``ring_rate`` (default 0.8, target 0.5), P(frame = 1) =
+* representation skew: P(ring = 1) = ``ring_rate`` (default 0.7, target 0.5), P(frame = 1) =
   ``frame_rate``.
 * planted association between ``ring`` and the shape: with strength a = ``association``,
   ring = 1 draws ``circle`` with probability a + (1 - a) / 4 and ring = 0 draws ``square``
@@ -140,7 +140,7 @@ class ImageTextEmbedded:
     """
 
     def __init__(self, sizes: dict[str, int] | None = None, image_size: int = 32,
-                 ring_rate: float = 0.8, frame_rate: float = 0.3, association: float = 0.5,
+                 ring_rate: float = 0.7, frame_rate: float = 0.5, association: float = 0.3,
                  reference_size: int = 600, seed: int = 0, name: str = "image_text_embedded") -> None:
         sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
         if not sizes:

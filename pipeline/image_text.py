@@ -287,13 +287,15 @@ def image_text_datamodule_from_config(cfg, corpus, tokenizer) -> ImageTextDataMo
     info = image_text_info(corpus, names)
     reference = [n for n in reference_sources(corpus) if n not in names]
     split = build_split(cfg, corpus, names)
-    example_weights = None
+    example_weights, report = None, None
     balance = cfg.get("balance") or {}
     if balance and balance.get("method", "none") != "none":
         from pipeline.multimodal_balance import balance_split
 
-        split, example_weights = balance_split(balance, corpus, names, split, info, seed=cfg.seed)
+        split, example_weights, report = balance_split(balance, corpus, names, split, info, seed=cfg.seed)
     sampler = build_sampler_for(cfg, corpus, split)
     loader = cfg.loader
-    return ImageTextDataModule(corpus, tokenizer, sampler, split, loader.micro_batch_size, loader.max_length,
-                               loader.num_workers, reference, example_weights)
+    datamodule = ImageTextDataModule(corpus, tokenizer, sampler, split, loader.micro_batch_size,
+                                     loader.max_length, loader.num_workers, reference, example_weights)
+    datamodule.balance_report = report  # M4 data statistics before/after (None: no balancing)
+    return datamodule
