@@ -84,7 +84,6 @@ from pipeline.mixing.m4_report import (
     M4Statistics,
     M4StatisticsAccumulator,
     Violation,
-    find_violations,
     m4_statistics,
 )
 from pipeline.mixing.plan import MixturePlan, validate_sizes
@@ -96,6 +95,7 @@ SOLVERS = ("streaming", "exact")
 DEFAULT_EPS_R = 0.05
 DEFAULT_EPS_A = 0.01
 DEFAULT_ENFORCEMENT = 100.0
+TRUST_RADIUS = 1.0  # largest RMS change of z = eta - q (before the clip) per minibatch step
 
 # A minibatch: (attributes (B, m), labels (B, c)) or (attributes, labels, utility (B,)).
 Batch = tuple[np.ndarray, ...]
@@ -151,7 +151,7 @@ def _binary_matrix(values, key: str) -> np.ndarray:
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise ValueError(
-            f"{key} must be binary (0/1): column {col} has value {array[row, col]!r} at row {row}"
+            f"{key} must be binary (0/1): column {col} has value {array[row, col].item()!r} at row {row}"
         )
     return array
 
@@ -328,106 +328,227 @@ def m4_objective(q: np.ndarray, problem: M4Problem, utility: np.ndarray | None,
 # ----------------------------------------------------------------------------- streaming solver
 
 
-def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *, passes: int = 3,
-                  step_size: float = 1.0, check_binary: bool = True) -> tuple[M4Duals, dict]:
-    """Fit the M4 duals with stochastic proximal dual ascent; memory O(m * c).
+def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *, passes: int = 10,
+                  hessian_rows: int = 8192, cg_iterations: int = 20,
+                  check_binary: bool = True) -> tuple[M4Duals, dict]:
+    """Fit the M4 duals with streaming proximal Newton dual ascent; memory O(m * c).
+
+    Pass 1 is stochastic: per minibatch, q from the current duals (Q), the minibatch dual
+    gradient, a Newton direction by conjugate gradients on the curvature of (the first
+    `hessian_rows` rows of) the minibatch (Hessian-vector products are two (B, c) x (c, m)
+    products; the Hessian is never formed), aligned with the orthant of the L1 term as in
+    OWL-QN, capped by a trust region, then a backtracking line search on the minibatch dual.
+    Its iterates are averaged over the second half of the pass.
+
+    Each later pass streams the exact full-data dual value and gradient at the current duals
+    (sums of O(m * c) numbers) and ends with one proximal Newton step using the curvature of a
+    fixed sample (the first `hessian_rows` examples of pass 1, kept in memory; O(hessian_rows
+    * c), independent of N); a step that lowered the full dual is halved back instead. The
+    result is the best point evaluated on the full data, so passes = P makes P - 2 verified
+    Newton steps (passes = 1: the stochastic average alone).
 
     Args:
         batches: called once per pass, returns an iterable of minibatches (attributes (B, m),
-            labels (B, c)[, utility (B,)]) in a shuffled order (stochastic updates on sorted
-            data are biased). Minibatches of ~10^4-10^5 examples amortise the Python overhead.
+            labels (B, c)[, utility (B,)]), the same examples every pass, in a shuffled order
+            (stochastic updates on sorted data are biased). Minibatches of 10^4-10^5 examples
+            amortise the Python overhead.
         problem: the validated M4Problem.
-        passes: passes over the data; the returned duals average the iterates of the last
-            pass (of the second half of the only pass when passes == 1).
-        step_size: damping in (0, 1] on each minibatch's line-searched step.
+        passes: passes over the data (>= 1).
+        hessian_rows: rows used for curvature (per minibatch in pass 1; the fixed sample after).
+        cg_iterations: conjugate-gradient iterations per Newton direction.
 
     Returns:
-        (duals, info) with info = {"passes", "batches", "examples_per_pass"}.
+        (duals, info) with info = {"passes", "batches", "examples_per_pass", "dual_value",
+        "newton_steps", "backtracks", "line_search_failures"}.
     """
     if int(passes) != passes or passes < 1:
         raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
-    if not 0 < step_size <= 1:
-        raise ValueError(f"step_size must be in (0, 1], got {step_size!r}")
-    duals = M4Duals.zeros(problem)
     m, c = problem.num_attributes, problem.num_labels
-    eps_r = (problem.eps_r * problem.eta).astype(np.float64)  # bounds in mean(q a) units
-    eps_a = (problem.eps_a * problem.eta).astype(np.float64)
-    bound = problem.dual_bound
-    pi32 = problem.pi.astype(np.float32)
-    state = np.zeros(1 + m + m * c)  # [mu, lambda_r, lambda_a.ravel()]
-    average = np.zeros_like(state)
-    averaged = 0
-    num_batches = 0
-    examples = 0
-    for pass_index in range(int(passes)):
-        batch_list = batches() if pass_index < passes - 1 else None
-        source = batch_list if batch_list is not None else batches()
-        examples_this_pass = 0
-        schedule: list[np.ndarray] = []
-        for batch in source:
-            s, y, u = _unpack(batch, m, c, check_binary and pass_index == 0)
-            examples_this_pass += len(s)
-            mu, lam_r, lam_a = state[0], state[1:1 + m], state[1 + m:].reshape(m, c)
-            d = s.astype(np.float32) - pi32
-            yf = y.astype(np.float32)
-            t = _targets(problem, len(s), u)
-            z = np.float32(mu) + np.einsum("bk,bk->b", d, yf @ lam_a.T.astype(np.float32)
-                                           + lam_r.astype(np.float32))
-            q = np.clip(t - z, 0.0, 1.0)
-            active = ((q > 0) & (q < 1)).astype(np.float32)
-            inv_b = 1.0 / len(s)
-            # Gradients and diagonal curvature of the minibatch dual, one product each.
-            dq, d2a = d * q[:, None], d * d * active[:, None]
-            products = (np.concatenate([dq, d2a], axis=1).T @ yf).astype(np.float64) * inv_b
-            g_a, h_a = products[:m], products[m:]
-            g_r = dq.sum(0, dtype=np.float64) * inv_b
-            h_r = d2a.sum(0, dtype=np.float64) * inv_b
-            g_mu = float(q.mean(dtype=np.float64)) - problem.eta
-            h_mu = float(active.mean(dtype=np.float64))
-            # Proximal Newton-diagonal candidate (soft threshold = the eps * |lambda| term).
-            new_r = _prox_step(lam_r, g_r, h_r, eps_r, bound)
-            new_a = _prox_step(lam_a, g_a, h_a, eps_a, bound)
-            new_mu = mu + (g_mu / h_mu if h_mu > 0 else (0.05 if g_mu > 0 else -0.05))
-            delta = np.concatenate([[new_mu - mu], new_r - lam_r, (new_a - lam_a).ravel()])
-            # Exact line search on this minibatch's quadratic model along delta.
-            d_r, d_a = delta[1:1 + m], delta[1 + m:].reshape(m, c)
-            dz = np.float32(delta[0]) + np.einsum(
-                "bk,bk->b", d, yf @ d_a.T.astype(np.float32) + d_r.astype(np.float32))
-            slope = (delta[0] * g_mu + d_r @ g_r + float((d_a * g_a).sum())
-                     - eps_r @ (np.abs(new_r) - np.abs(lam_r))
-                     - float((eps_a * (np.abs(new_a) - np.abs(lam_a))).sum()))
-            curvature = float(np.dot(active * dz, dz)) * inv_b
-            if h_mu == 0:  # every q saturated: take the step, the curvature is unreliable
-                alpha = 1.0
-            else:
-                alpha = min(1.0, max(0.0, slope / curvature)) if curvature > 0 else 1.0
-            state += step_size * alpha * delta
+    if problem.eta == 1.0:  # q = 1 is the only point with mean 1: nothing to fit
+        return M4Duals.zeros(problem), {"passes": 0, "batches": 0, "examples_per_pass": 0,
+                                        "dual_value": float("nan"), "newton_steps": 0,
+                                        "backtracks": 0, "line_search_failures": 0}
+    size = 1 + m + m * c  # [mu, lambda_r, lambda_a.ravel()]
+    eps = np.concatenate([[0.0], problem.eps_r, problem.eps_a.ravel()]) * problem.eta
+    upper = np.concatenate([[np.inf], np.full(size - 1, problem.dual_bound)])
+    state = np.zeros(size)
+    iterates: list[np.ndarray] = []
+    sample_rows: list[tuple] = []
+    kept_rows = 0
+    num_batches = failures = examples = 0
+    for batch in batches():  # pass 1: stochastic
+        s, y, u = _unpack(batch, m, c, check_binary)
+        examples += len(s)
+        if kept_rows < hessian_rows:
+            take = min(len(s), hessian_rows - kept_rows)
+            sample_rows.append((s[:take].copy(), y[:take].copy(), None if u is None else u[:take].copy()))
+            kept_rows += take
+        minibatch = _Minibatch(problem, s, y, u)
+        state, ok = minibatch.newton_step(state, eps, upper, hessian_rows, cg_iterations)
+        failures += not ok
+        num_batches += 1
+        iterates.append(state)
+    if examples == 0:
+        raise ValueError("the minibatch iterable yielded no examples")
+    state = np.mean(iterates[len(iterates) // 2:], axis=0)
+    sample = _Minibatch(problem, np.concatenate([r[0] for r in sample_rows]),
+                        np.concatenate([r[1] for r in sample_rows]),
+                        None if sample_rows[0][2] is None else np.concatenate([r[2] for r in sample_rows]))
+    best, best_value, best_grad = state, -np.inf, None
+    newton_steps = backtracks = 0
+    for _ in range(1, int(passes)):  # full-gradient passes
+        total_phi, moments, count = 0.0, np.zeros(size), 0
+        for batch in batches():
+            s, y, u = _unpack(batch, m, c, False)
+            minibatch = _Minibatch(problem, s, y, u)
+            w = minibatch.t - minibatch.shift(state)
+            q = np.clip(w, 0.0, 1.0)
+            total_phi += float((0.5 * (q - w) ** 2 - 0.5 * w * w).sum(dtype=np.float64))
+            moments += minibatch.moments(q) * len(s)
+            count += len(s)
             num_batches += 1
-            if pass_index == passes - 1:
-                schedule.append(state.copy()) if passes == 1 else None
-                if passes > 1:
-                    average += state
-                    averaged += 1
-        if examples_this_pass == 0:
-            raise ValueError("the minibatch iterable yielded no examples")
-        examples = examples_this_pass
-        if passes == 1:
-            tail = schedule[len(schedule) // 2:]
-            average, averaged = np.sum(tail, axis=0), len(tail)
-    final = average / averaged
-    duals.mu = float(final[0])
-    duals.lambda_r = final[1:1 + m].copy()
-    duals.lambda_a = final[1 + m:].reshape(m, c).copy()
-    return duals, {"passes": int(passes), "batches": num_batches, "examples_per_pass": examples}
+        if count != examples:
+            raise ValueError(f"the minibatches held {examples} examples in pass 1 and {count} later; "
+                             "`batches` must yield the same examples every pass")
+        eta = problem.eta
+        value = total_phi / count + 0.5 * eta * eta - state[0] * eta - float(eps @ np.abs(state))
+        if value >= best_value:
+            best, best_value, best_grad = state, value, moments / count
+            best_grad[0] -= eta
+            state = sample.newton_step_from(best, best_grad, eps, upper, cg_iterations)
+            newton_steps += 1
+        else:  # the last Newton step lowered the full dual: halve it
+            state = best + 0.5 * (state - best)
+            backtracks += 1
+    final = state if passes == 1 else best
+    duals = M4Duals(problem, float(final[0]), final[1:1 + m].copy(), final[1 + m:].reshape(m, c).copy())
+    return duals, {"passes": int(passes), "batches": num_batches, "examples_per_pass": examples,
+                   "dual_value": float(best_value), "newton_steps": newton_steps,
+                   "backtracks": backtracks, "line_search_failures": failures}
 
 
-def _prox_step(lam: np.ndarray, grad: np.ndarray, curv: np.ndarray, eps: np.ndarray,
-               bound: float) -> np.ndarray:
-    """argmax of the diagonal model: soft-threshold(lam + g/h, eps/h), clipped to +-bound."""
-    safe = np.where(curv > 0, curv, 1.0)
-    moved = lam + grad / safe
-    thresholded = np.sign(moved) * np.maximum(np.abs(moved) - eps / safe, 0.0)
-    return np.where(curv > 0, np.clip(thresholded, -bound, bound), lam)
+class _Minibatch:
+    """One minibatch in float32 with the products the streaming solver needs."""
+
+    def __init__(self, problem: M4Problem, s: np.ndarray, y: np.ndarray, u: np.ndarray | None):
+        self.problem = problem
+        self.m, self.c = problem.num_attributes, problem.num_labels
+        self.d = s.astype(np.float32) - problem.pi.astype(np.float32)  # (B, m)
+        self.y = y.astype(np.float32)  # (B, c)
+        self.t = _targets(problem, len(s), u)  # (B,)
+
+    def shift(self, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+        """z = x0 + sum_k d_k (x_r[k] + y . x_a[k]) for dual vector x (size,): (B,) float32."""
+        m = self.m
+        per_attribute = (self.y[rows] @ x[1 + m:].reshape(m, self.c).T.astype(np.float32)
+                         + x[1:1 + m].astype(np.float32))
+        return np.float32(x[0]) + np.einsum("bk,bk->b", self.d[rows], per_attribute)
+
+    def moments(self, weights: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+        """mean_i weights_i * a_i with a = [1, d, d (x) y]: (size,) float64."""
+        d = self.d[rows]
+        dw = d * weights[:, None]
+        scale = 1.0 / len(d)
+        return np.concatenate([[weights.sum(dtype=np.float64)], dw.sum(0, dtype=np.float64),
+                               (dw.T @ self.y[rows]).astype(np.float64).ravel()]) * scale
+
+    def dual_value(self, x: np.ndarray, eps: np.ndarray) -> float:
+        w = self.t - self.shift(x)
+        q = np.clip(w, 0.0, 1.0)
+        phi = 0.5 * (q - w) ** 2 - 0.5 * w * w
+        eta = self.problem.eta
+        return float(phi.mean(dtype=np.float64)) + 0.5 * eta * eta - x[0] * eta - float(eps @ np.abs(x))
+
+    def newton_step(self, x: np.ndarray, eps: np.ndarray, upper: np.ndarray, hessian_rows: int,
+                    cg_iterations: int) -> tuple[np.ndarray, bool]:
+        """The minibatch's proximal Newton step from x; (new x, line search succeeded)."""
+        q = np.clip(self.t - self.shift(x), 0.0, 1.0)
+        grad = self.moments(q)
+        grad[0] -= self.problem.eta
+        pg = _pseudo_gradient(x, grad, eps, upper)
+        if not np.any(pg):
+            return x, True
+        direction = self.direction(x, pg, slice(0, hessian_rows), cg_iterations)
+        start = self.dual_value(x, eps)
+        alpha = 1.0
+        for _ in range(30):
+            trial = _project(x, x + alpha * direction, upper)
+            if self.dual_value(trial, eps) >= start + 1e-4 * float(pg @ (trial - x)):
+                return trial, True
+            alpha *= 0.5
+        return x, False
+
+    def newton_step_from(self, x: np.ndarray, grad: np.ndarray, eps: np.ndarray, upper: np.ndarray,
+                         cg_iterations: int) -> np.ndarray:
+        """A full step along the Newton direction of this sample's curvature for gradient grad."""
+        pg = _pseudo_gradient(x, grad, eps, upper)
+        if not np.any(pg):
+            return x
+        return _project(x, x + self.direction(x, pg, slice(None), cg_iterations), upper)
+
+    def direction(self, x: np.ndarray, pg: np.ndarray, rows: slice, cg_iterations: int) -> np.ndarray:
+        """Orthant-aligned, trust-capped Newton direction H^-1 pg on the free coordinates."""
+        q = np.clip(self.t[rows] - self.shift(x, rows), 0.0, 1.0)
+        active = ((q > 0) & (q < 1)).astype(np.float32)
+        d2 = self.d[rows] * self.d[rows] * active[:, None]
+        diag = np.concatenate([[active.sum(dtype=np.float64)], d2.sum(0, dtype=np.float64),
+                               (d2.T @ self.y[rows]).astype(np.float64).ravel()]) / len(d2)
+        ridge = 1e-6 * max(float(diag.max()), 1e-12)
+        free = (pg != 0) | (x != 0)
+
+        def hessian_vector(v: np.ndarray) -> np.ndarray:
+            return (self.moments(active * self.shift(v, rows), rows) + ridge * v) * free
+
+        direction = _conjugate_gradient(hessian_vector, pg * free, 1.0 / (diag + ridge), cg_iterations)
+        direction[1:][direction[1:] * pg[1:] <= 0] = 0.0  # stay in the orthant of the L1 term
+        if float(pg @ direction) <= 0:
+            direction = pg / (diag + ridge)
+        # Trust region: the dual is flat where every q saturates, so an unguarded Newton step
+        # can jump far; cap the RMS change of z (a keep-probability unit).
+        change = float(np.sqrt(np.mean(self.shift(direction, rows) ** 2)))
+        if change > TRUST_RADIUS:
+            direction *= TRUST_RADIUS / change
+        return direction
+
+
+def _pseudo_gradient(x: np.ndarray, grad: np.ndarray, eps: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Steepest-ascent direction of grad . x - eps . |x| on the box |x| <= upper (OWL-QN)."""
+    pg = np.where(x > 0, grad - eps, np.where(x < 0, grad + eps,
+                  np.where(grad > eps, grad - eps, np.where(grad < -eps, grad + eps, 0.0))))
+    pg[(x >= upper) & (pg > 0)] = 0.0
+    pg[(x <= -upper) & (pg < 0)] = 0.0
+    return pg
+
+
+def _project(x: np.ndarray, trial: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """No sign change within a step (a crossing stops at 0), then the box."""
+    trial = np.where((x != 0) & (np.sign(trial) != np.sign(x)), 0.0, trial)
+    return np.clip(trial, -upper, upper)
+
+
+def _conjugate_gradient(matvec, rhs: np.ndarray, inverse_diag: np.ndarray, iterations: int) -> np.ndarray:
+    """Jacobi-preconditioned CG for H v = rhs (H symmetric positive definite on the free set)."""
+    v = np.zeros_like(rhs)
+    residual = rhs.copy()
+    z = inverse_diag * residual
+    p = z.copy()
+    rz = float(residual @ z)
+    target = 1e-10 * rz
+    for _ in range(iterations):
+        hp = matvec(p)
+        curvature = float(p @ hp)
+        if curvature <= 0:
+            break
+        step = rz / curvature
+        v += step * p
+        residual -= step * hp
+        z = inverse_diag * residual
+        rz_new = float(residual @ z)
+        if rz_new <= target:
+            break
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return v
 
 
 def _targets(problem: M4Problem, num: int, utility: np.ndarray | None) -> np.ndarray:
@@ -512,7 +633,7 @@ def _solve_mu(w: np.ndarray, eta: float, mu0: float) -> float:
 def m4_keep_probabilities(attributes, labels, *, eta: float = 0.9, pi=0.5,
                           eps_r=DEFAULT_EPS_R, eps_a=DEFAULT_EPS_A, utility=None,
                           utility_weight: float = 1.0, enforcement: float = DEFAULT_ENFORCEMENT,
-                          solver: str = "streaming", batch_size: int = 65536, passes: int = 3,
+                          solver: str = "streaming", batch_size: int = 65536, passes: int = 10,
                           seed: int = 0, attribute_names: Sequence[str] | None = None,
                           label_names: Sequence[str] | None = None, tolerance: float = 1e-4,
                           on_violation: str = "warn") -> M4Result:
@@ -571,6 +692,8 @@ def m4_keep_probabilities(attributes, labels, *, eta: float = 0.9, pi=0.5,
                           attribute_names=attribute_names, label_names=label_names,
                           tolerance=tolerance, batch_size=batch_size)
     objective, penalized = m4_objective(q, problem, u, after)
+    if solver == "exact":  # the certificate: P(q) - g(duals) >= 0, zero at the optimum
+        info["gap"] = penalized - info["dual_value"]
     result = M4Result(q, duals, before, after, objective, penalized, solver, info)
     if not result.feasible and on_violation != "ignore":
         message = result.describe_violations()
