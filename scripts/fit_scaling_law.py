@@ -9,6 +9,11 @@
     .venv/bin/python scripts/fit_scaling_law.py --csv runs_by_source.csv --law multilingual \\
         --n-col num_params --w-col sample_prob --source-col source --loss-col val_loss --out fits/
 
+    # a sweep table (scripts/collect_sweep.py): one source's loss against its own tokens
+    .venv/bin/python scripts/fit_scaling_law.py --csv sweep.csv --where source=eng \\
+        --where status=completed --law power --x-col tokens_seen --loss-col source_val_loss \\
+        --out fits/
+
     # data mixing law, one fit per target loss column; mixtures and losses in two files
     .venv/bin/python scripts/fit_scaling_law.py --csv mix.csv --csv loss.csv --on index \\
         --law mixing --mixture-prefix train_ --loss-col 'metric/a_loss' --loss-col 'metric/b_loss' \\
@@ -57,6 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--csv", action="append", required=True, help="input CSV (repeat to join on --on)"
     )
     p.add_argument("--on", help="join column when several --csv are given")
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="COL=VALUE",
+        help="keep only rows whose COL equals VALUE (repeatable, all must hold; numeric "
+        "columns compare as numbers), e.g. --where source=eng --where status=completed",
+    )
     p.add_argument("--law", choices=LAWS, required=True)
     p.add_argument(
         "--loss-col",
@@ -123,6 +136,37 @@ def print_table(title: str, fit, boot, level: float) -> None:
             lo, hi = boot.ci[name]
             row += f" [{_fmt(lo):>11}, {_fmt(hi):>11}]"
         print(row)
+    for name, side in fit.at_bounds().items():
+        print(
+            f"note: internal parameter {name!r} ended on its {side} bound "
+            f"({dict(zip(fit.law.theta_names, fit.law.bounds(), strict=True))[name]}): "
+            "the data do not determine it"
+        )
+
+
+def select_rows(df, conditions: list[str]):
+    """Rows where every ``COL=VALUE`` holds; ``ValueError`` naming a bad column or condition."""
+    import pandas as pd
+
+    for cond in conditions:
+        col, sep, value = cond.partition("=")
+        if not sep or not col:
+            raise ValueError(f"--where {cond!r}: expected COL=VALUE")
+        if col not in df.columns:
+            raise ValueError(
+                f"--where {cond!r}: column {col!r} not found; available columns: {list(df.columns)}"
+            )
+        column = df[col]
+        number = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
+        if pd.api.types.is_numeric_dtype(column) and not pd.isna(number):
+            keep = column == number
+        else:
+            keep = column.astype(str) == value
+        if not keep.any():
+            seen = sorted(map(str, column.dropna().unique()))[:10]
+            raise ValueError(f"--where {cond!r}: no row matches; values of {col!r} include {seen}")
+        df = df[keep]
+    return df.reset_index(drop=True)
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -138,7 +182,7 @@ def main(argv=None) -> int:
     )
     out = Path(args.out)
     try:
-        df = read_tables(args.csv, on=args.on)
+        df = select_rows(read_tables(args.csv, on=args.on), args.where)
         loss_cols = args.loss_col or ["loss"]
         if len(loss_cols) > 1 and args.law != "mixing":
             raise ValueError("several --loss-col are only for --law mixing (one law per target)")
@@ -175,7 +219,7 @@ def main(argv=None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     jobs = args.jobs if args.jobs > 0 else None
-    report: dict = {"law": args.law, "csv": args.csv, "fits": []}
+    report: dict = {"law": args.law, "csv": args.csv, "where": args.where, "fits": []}
     fits = []
     for i, t in enumerate(tables):
         fit = fit_law(t.law, t.X, t.y, delta=args.delta, grid_size=args.grid_size, n_jobs=jobs)

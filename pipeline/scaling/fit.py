@@ -206,11 +206,27 @@ class FitResult:
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.law.predict(self.theta, np.asarray(X, dtype=float))
 
+    def at_bounds(self, rtol: float = 1e-6) -> dict[str, str]:
+        """Internal parameters that ended on a box bound: ``{theta_name: "lower" | "upper"}``.
+
+        A parameter on its bound was not determined by the data (e.g. the offset ``E`` of a
+        power law fitted to points that never bend); its estimate is the bound, not a measurement.
+        """
+        out = {}
+        for name, value, (lo, hi) in zip(
+            self.law.theta_names, self.theta, self.law.bounds(), strict=True
+        ):
+            for side, bound in (("lower", lo), ("upper", hi)):
+                if bound is not None and abs(value - bound) <= rtol * max(1.0, abs(bound)):
+                    out[name] = side
+        return out
+
     def to_dict(self) -> dict:
         return {
             "law": self.law.spec(),
             "params": self.params,
             "theta": dict(zip(self.law.theta_names, map(float, self.theta), strict=True)),
+            "at_bounds": self.at_bounds(),
             "objective": self.objective,
             "delta": self.delta,
             "num_points": self.num_points,

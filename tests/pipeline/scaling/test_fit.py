@@ -118,6 +118,17 @@ def test_power_law_recovery():
     fit = fit_law(PowerLaw(), x[:, None], y, grid_size=4)
     assert fit.params["alpha"] == pytest.approx(0.25, abs=0.02)
     assert fit.params["E"] == pytest.approx(2.0, abs=0.05)
+    assert fit.at_bounds() == {}
+
+
+def test_undetermined_offset_is_reported_at_its_bound():
+    # A pure power law has no floor: the offset E runs to its lower bound, and says so.
+    x = np.geomspace(1e3, 1e6, 20)
+    y = 30.0 * x**-0.2
+    fit = fit_law(PowerLaw(), x[:, None], y, grid_size=3)
+    assert fit.at_bounds() == {"e": "lower"}
+    assert fit.to_dict()["at_bounds"] == {"e": "lower"}
+    assert fit.params["alpha"] == pytest.approx(0.2, abs=1e-3)
 
 
 def test_multilingual_recovery():

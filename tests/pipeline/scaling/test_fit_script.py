@@ -1,5 +1,6 @@
 """scripts/fit_scaling_law.py end to end on a tiny synthetic CSV, in a subprocess."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from pipeline.scaling import ChinchillaLaw
 
@@ -82,4 +84,48 @@ def test_fit_script_bad_column_exits_2(tmp_path):
     )
     assert r.returncode == 2
     assert "column 'params' (--n-col) not found" in r.stderr
+    assert not (tmp_path / "o" / "fit.json").exists()
+
+
+def _script_module():
+    spec = importlib.util.spec_from_file_location("fit_scaling_law", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.drop(columns="D"), "column 'D' (--d-col) not found"),
+        (
+            lambda d: d.assign(N=d.N.where(d.index != 3, 0.0)),
+            "column 'N' (N, parameters) must be > 0, row 3",
+        ),
+        (
+            lambda d: d.assign(D=d.D.where(d.index != 5, -1e9)),
+            "column 'D' (D, tokens) must be > 0, row 5",
+        ),
+        (
+            lambda d: d.assign(loss=d.loss.where(d.index != 2)),
+            "column 'loss' (loss) has 1 NaN/missing",
+        ),
+        (
+            lambda d: d.head(5),
+            "chinchilla law has 5 parameters and needs more than 5 points, got 5",
+        ),
+    ],
+)
+def test_fit_script_bad_input_exits_2_naming_the_problem(tmp_path, capsys, mutate, message):
+    frame = pd.DataFrame(
+        {
+            "N": np.geomspace(1e7, 1e9, 10),
+            "D": np.geomspace(1e9, 1e11, 10),
+            "loss": np.linspace(4, 3, 10),
+        }
+    )
+    mutate(frame).to_csv(tmp_path / "t.csv", index=False)
+    args = ["--csv", str(tmp_path / "t.csv"), "--law", "chinchilla", "--n-col", "N", "--d-col", "D"]
+    assert _script_module().main([*args, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "o" / "fit.json").exists()
