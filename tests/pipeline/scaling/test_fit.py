@@ -65,6 +65,11 @@ def test_huber_resists_five_percent_outliers_least_squares_does_not():
     assert err(lsq) > 3 * err(huber)
     assert abs(huber.params["E"] - TRUE["E"]) < 0.1
     assert abs(lsq.params["E"] - TRUE["E"]) > abs(huber.params["E"] - TRUE["E"])
+    # ... and the true parameters stay inside the Huber fit's bootstrap intervals.
+    boot = bootstrap(huber, X, y_out, num_boot=60, seed=0, n_jobs=1)
+    for name, true in TRUE.items():
+        lo, hi = boot.ci[name]
+        assert lo <= true <= hi, (name, true, lo, hi)
 
 
 def test_multi_start_beats_a_single_start_stuck_in_a_local_minimum():
