@@ -51,6 +51,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _summary(stats) -> dict[str, float]:
+    """Every statistic (`M4Statistics.as_dict`) plus the worst representation/association."""
+    return {**stats.as_dict(), "max_abs_representation": stats.max_abs_representation,
+            "max_abs_association": stats.max_abs_association, "kept_fraction": stats.kept_fraction}
+
+
 def balance_split(balance: Mapping[str, Any], corpus, names: Sequence[str], split: SourceSplit,
                   info: Mapping[str, Any], seed: int = 0):
     """Apply ``cfg.balance`` to the training rows of `names`.
@@ -73,7 +79,7 @@ def balance_split(balance: Mapping[str, Any], corpus, names: Sequence[str], spli
     keep, result = solve_sources(examples, attribute_names=info["attribute_names"],
                                  label_names=info["label_names"], seed=int(seed), **kwargs)
     stage = M4(keep, mode=mode, seed=int(seed if balance.get("seed") is None else balance["seed"]))
-    report = {"before": result.before.as_dict(), "after": result.after.as_dict(),
+    report = {"before": _summary(result.before), "after": _summary(result.after),
               "feasible": result.feasible, "solver": result.solver, "mode": mode,
               "kept_fraction_per_source": {n: stage.kept_fraction(n) for n in names}}
     log.info("M4 balancing (%s, mode=%s): data statistics before\n%s\nafter\n%s", result.solver, mode,
