@@ -76,6 +76,7 @@ class LanguageModel(pl.LightningModule):
         self._tokenizer = None
         self._normalizer: torch.Tensor | None = None
         self._step_loss = 0.0
+        self._grad_norm = math.nan
         # Set by pipeline.train for `resume.allow_mismatch=true` with other data or mixture.
         self.restart_stream_on_load = False
 
@@ -156,6 +157,20 @@ class LanguageModel(pl.LightningModule):
         self.seen_rows.update(torch.ones_like(batch["source_ids"], dtype=torch.float64), batch["source_ids"])
         return objective * self.gradient_scale()
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Before clipping, after the data-parallel all-reduce: the gradient of the global
+        # objective (DeepSpeed keeps its gradients in partitioned buffers: read after step).
+        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            grads = [p.grad.detach().double().pow(2).sum() for p in self.parameters() if p.grad is not None]
+            self._grad_norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+
+    def _global_grad_norm(self) -> float:
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            norm = strategy.deepspeed_engine.get_global_grad_norm()
+            return math.nan if norm is None else float(norm)
+        return self._grad_norm
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
             return
@@ -164,6 +179,9 @@ class LanguageModel(pl.LightningModule):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(loss)  # each rank holds its share of the global objective
         self.log("train/loss", loss, rank_zero_only=True, batch_size=1)
+        # Pre-clipping norm of the global objective's gradient: the same at any world size
+        # and accumulation when gradient_scale() is right (tests/pipeline/test_distributed_train.py).
+        self.log("train/grad_norm", self._global_grad_norm(), rank_zero_only=True, batch_size=1)
         every = max(1, self.trainer.log_every_n_steps)
         if step % every == 0 or step == self.trainer.max_steps:
             self._log_data_metrics(step)
