@@ -184,3 +184,34 @@ def read_consumed(directory: str | Path) -> list[tuple[int, str, int]]:
         seen.add(key)
     records.sort(key=lambda r: (r["step"], r["rank"], r["micro"]))
     return [(r["step"], s, i) for r in records for s, i in zip(r["source"], r["index"], strict=True)]
+
+
+# -- ranks that disagree -------------------------------------------------------------------
+class RankAgreement(Callback):
+    """Fails fast, on every rank, when the ranks were started with different runs.
+
+    Each rank all-gathers its config digest and run identity (sources, mixture, sampler
+    stream, tokenizer, model shape) once the process group is up, before the first step.
+    Ranks launched with different overrides, data or tokenizers would otherwise train on
+    inconsistent streams or hang in a collective; here every rank raises the same
+    `ValueError` naming the ranks and what differs.
+    """
+
+    def __init__(self, config_digest: str, identity: dict[str, Any] | None):
+        self.summary = {"config_digest": config_digest, **(identity or {})}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(gathered, self.summary)
+        reference = gathered[0]
+        differing = {rank: sorted(k for k in set(s) | set(reference) if s.get(k) != reference.get(k))
+                     for rank, s in enumerate(gathered) if s != reference}
+        if differing:
+            lines = "; ".join(f"rank {rank} differs from rank 0 in {', '.join(keys)}"
+                              for rank, keys in differing.items())
+            raise ValueError(f"ranks disagree about the run ({lines}): every node must be launched "
+                             "with the same config overrides, prepared data and tokenizer")

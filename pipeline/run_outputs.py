@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpointing import AtomicModelCheckpoint
+from pipeline.elastic import ConsumedExamplesLog, RankAgreement
 from pipeline.metrics import source_key
 
 # Keys that say where a run lives, not what it computes: left out of the digest.
@@ -81,9 +82,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, identity: dict[str, Any] 
     )]
     if cfg.get("logger") and cfg.logger.get("_target_"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    callbacks.append(RankAgreement(config_digest(cfg), identity))
     if cfg.get("record_consumed"):
-        from pipeline.elastic import ConsumedExamplesLog
-
         callbacks.append(ConsumedExamplesLog(output_dir / "consumed"))
     return callbacks
 

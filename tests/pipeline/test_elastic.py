@@ -223,3 +223,27 @@ def test_zero3_world2_consolidates_and_resumes_at_world1(demo_data, tmp_path):
     assert_same_state(consolidate_zero_checkpoint(run / "checkpoints" / "step000004.ckpt"), final)
     first = [c for c in read_consumed(run / "consumed") if c[0] < 2]
     assert first + read_consumed(resumed / "consumed") == read_consumed(run / "consumed")
+
+
+@pytest.mark.distributed
+def test_ranks_launched_with_different_configs_stop_with_a_clear_message(demo_data, tmp_path):
+    """Node 1 was started with another mixture: both ranks refuse before the first step."""
+    cache = demo_data[0].cache_dir
+    port = _free_port()
+    processes, logs = [], []
+    for node, extra in ((0, []), (1, ["mixture.stages.0.tau_start=3.0"])):
+        log = tmp_path / f"node{node}.log"
+        logs.append(log)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                   "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   "-m", "pipeline.train", *RUN, f"cache_dir={cache}", f"output_dir={tmp_path / 'run'}",
+                   "trainer.num_nodes=2", "trainer.devices=1", "strategy=ddp", *extra]
+        with open(log, "w") as stream:
+            processes.append(subprocess.Popen(command, cwd=REPO, env=_env(), stdout=stream, stderr=subprocess.STDOUT))
+    for process in processes:
+        process.wait(timeout=240)
+    for process, log in zip(processes, logs, strict=True):
+        text = log.read_text()
+        assert process.returncode != 0, text[-3000:]
+        assert "ranks disagree about the run (rank 1 differs from rank 0 in config_digest, mixture, sampler_stream)" in text
+    assert not (tmp_path / "run" / "consumed").exists()  # no step was trained
