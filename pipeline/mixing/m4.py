@@ -33,12 +33,17 @@ gradient mean(q) - eta and mean(q a_j) - eps_j * eta * sign(lambda_j). So the so
 m + m*c + 1 numbers (`M4Duals`); q of any example follows from (Q) without the others.
 
 Solvers.
-    * streaming (default, `pipeline.mixing.m4.fit_streaming`): stochastic proximal dual
-      ascent over minibatches, diagonally preconditioned by the minibatch curvature with an
-      exact line search on each minibatch, iterate averaging over the last pass. Memory
-      O(m * c) independent of N; work per example O(m * c) (three (B, c) x (c, m) products
-      per minibatch). `passes` passes to fit the duals, then one pass that writes q and
-      fixes mean(q) = eta exactly (a 1-D root in mu).
+    * streaming (default, `fit_streaming`): proximal Newton ascent on the dual. Pass 1 is
+      stochastic (one line-searched Newton step per minibatch, conjugate gradients on the
+      minibatch curvature, OWL-QN orthant rule for the L1 term, a trust region); each later
+      pass evaluates the exact full-data dual and gradient at several step sizes along the
+      Newton direction (curvature of a fixed 8192-example sample) and keeps the best: one
+      verified Newton step per pass. State O(m * c) plus that sample, independent of N;
+      work per example O(m * c * G): two stacked products per minibatch. Then one pass
+      writes q and fixes mean(q) = eta exactly (a 1-D root in mu). Default 10 passes; see
+      docs/BENCHMARKS.md for what fewer give. The products are memory-bound; on a loaded
+      machine multithreaded OpenBLAS can be 100x slower on them than one thread
+      (OPENBLAS_NUM_THREADS=1; scripts/bench_m4.py sets it).
     * exact (small N, `pipeline.mixing.m4_exact.solve_exact`): the same dual maximised to
       convergence by scipy's L-BFGS-B on the full data, certified by the duality gap.
 
@@ -96,6 +101,9 @@ DEFAULT_EPS_R = 0.05
 DEFAULT_EPS_A = 0.01
 DEFAULT_ENFORCEMENT = 100.0
 TRUST_RADIUS = 1.0  # largest RMS change of z = eta - q (before the clip) per minibatch step
+# Step sizes along each full-data Newton direction, all evaluated in one pass (one stacked
+# product per minibatch), so a pass never goes to waste on a step that overshoots.
+STEP_GRID = (1.5, 1.0, 0.7, 0.45, 0.25, 0.1)
 
 # A minibatch: (attributes (B, m), labels (B, c)) or (attributes, labels, utility (B,)).
 Batch = tuple[np.ndarray, ...]
@@ -340,12 +348,13 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
     OWL-QN, capped by a trust region, then a backtracking line search on the minibatch dual.
     Its iterates are averaged over the second half of the pass.
 
-    Each later pass streams the exact full-data dual value and gradient at the current duals
-    (sums of O(m * c) numbers) and ends with one proximal Newton step using the curvature of a
-    fixed sample (the first `hessian_rows` examples of pass 1, kept in memory; O(hessian_rows
-    * c), independent of N); a step that lowered the full dual is halved back instead. The
-    result is the best point evaluated on the full data, so passes = P makes P - 2 verified
-    Newton steps (passes = 1: the stochastic average alone).
+    Each later pass streams the exact full-data dual value and gradient at G =
+    len(STEP_GRID) points along the current Newton direction (step sizes STEP_GRID; one
+    stacked product per minibatch, so the labels are still read twice), keeps the best point,
+    and computes the next direction from its full gradient and the curvature of a fixed
+    sample (the first `hessian_rows` examples of pass 1, kept in memory: O(hessian_rows * c),
+    independent of N). The result is the best point evaluated on the full data (passes = 1:
+    the stochastic average alone); the loop stops early once the dual stops improving.
 
     Args:
         batches: called once per pass, returns an iterable of minibatches (attributes (B, m),
@@ -359,7 +368,7 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
 
     Returns:
         (duals, info) with info = {"passes", "batches", "examples_per_pass", "dual_value",
-        "newton_steps", "backtracks", "line_search_failures"}.
+        "newton_steps", "shrinks", "line_search_failures"}.
     """
     if int(passes) != passes or passes < 1:
         raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
@@ -394,37 +403,51 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
     sample = _Minibatch(problem, np.concatenate([r[0] for r in sample_rows]),
                         np.concatenate([r[1] for r in sample_rows]),
                         None if sample_rows[0][2] is None else np.concatenate([r[2] for r in sample_rows]))
-    best, best_value, best_grad = state, -np.inf, None
-    newton_steps = backtracks = 0
-    for _ in range(1, int(passes)):  # full-gradient passes
-        total_phi, moments, count = 0.0, np.zeros(size), 0
+    best, best_value = state, -np.inf
+    candidates = state[None, :]  # (G, size): the points this pass evaluates
+    newton_steps = shrinks = stalled = 0
+    scale = 1.0  # multiplies STEP_GRID; shrinks when every candidate lowered the dual
+    eta = problem.eta
+    for _ in range(1, int(passes)):  # full-gradient passes with a grid line search
+        total_phi, moments, count = np.zeros(len(candidates)), np.zeros((len(candidates), size)), 0
         for batch in batches():
             s, y, u = _unpack(batch, m, c, False)
             minibatch = _Minibatch(problem, s, y, u)
-            w = minibatch.t - minibatch.shift(state)
-            q = np.clip(w, 0.0, 1.0)
-            total_phi += float((0.5 * (q - w) ** 2 - 0.5 * w * w).sum(dtype=np.float64))
-            moments += minibatch.moments(q) * len(s)
+            phi, batch_moments = minibatch.candidate_sums(candidates)
+            total_phi += phi
+            moments += batch_moments
             count += len(s)
             num_batches += 1
         if count != examples:
             raise ValueError(f"the minibatches held {examples} examples in pass 1 and {count} later; "
                              "`batches` must yield the same examples every pass")
-        eta = problem.eta
-        value = total_phi / count + 0.5 * eta * eta - state[0] * eta - float(eps @ np.abs(state))
-        if value >= best_value:
-            best, best_value, best_grad = state, value, moments / count
-            best_grad[0] -= eta
-            state = sample.newton_step_from(best, best_grad, eps, upper, cg_iterations)
+        values = (total_phi / count + 0.5 * eta * eta - candidates[:, 0] * eta
+                  - np.abs(candidates) @ eps)
+        pick = int(np.argmax(values))
+        if values[pick] <= best_value:  # no candidate improved: search closer to best next
+            scale *= STEP_GRID[-1]
+            shrinks += 1
+            stalled += 1
+            if stalled == 3:  # steps 1000x shorter than Newton's still fail: converged
+                break
+        else:
+            stalled = 0
+            converged = values[pick] - best_value <= 1e-9 * abs(values[pick])
+            best, best_value = candidates[pick], float(values[pick])
+            if converged:
+                break
+            grad = moments[pick] / count
+            grad[0] -= eta
+            direction = sample.newton_direction(best, grad, eps, upper, cg_iterations)
             newton_steps += 1
-        else:  # the last Newton step lowered the full dual: halve it
-            state = best + 0.5 * (state - best)
-            backtracks += 1
+            scale = min(1.0, scale * 2)
+        candidates = np.stack([_project(best, best + scale * alpha * direction, upper)
+                               for alpha in STEP_GRID]) if newton_steps else best[None, :]
     final = state if passes == 1 else best
     duals = M4Duals(problem, float(final[0]), final[1:1 + m].copy(), final[1 + m:].reshape(m, c).copy())
     return duals, {"passes": int(passes), "batches": num_batches, "examples_per_pass": examples,
                    "dual_value": float(best_value), "newton_steps": newton_steps,
-                   "backtracks": backtracks, "line_search_failures": failures}
+                   "shrinks": shrinks, "line_search_failures": failures}
 
 
 class _Minibatch:
@@ -478,13 +501,33 @@ class _Minibatch:
             alpha *= 0.5
         return x, False
 
-    def newton_step_from(self, x: np.ndarray, grad: np.ndarray, eps: np.ndarray, upper: np.ndarray,
+    def newton_direction(self, x: np.ndarray, grad: np.ndarray, eps: np.ndarray, upper: np.ndarray,
                          cg_iterations: int) -> np.ndarray:
-        """A full step along the Newton direction of this sample's curvature for gradient grad."""
+        """Newton direction for the full-data gradient `grad` with this sample's curvature."""
         pg = _pseudo_gradient(x, grad, eps, upper)
         if not np.any(pg):
-            return x
-        return _project(x, x + self.direction(x, pg, slice(None), cg_iterations), upper)
+            return np.zeros_like(x)
+        return self.direction(x, pg, slice(None), cg_iterations)
+
+    def candidate_sums(self, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For G dual points (G, size): sums over the minibatch of phi (G,) and of q a (G, size).
+
+        One (B, c) x (c, G m) and one (G m, B) x (B, c) product: the labels are read twice
+        whatever G is, which is what a memory-bound pass costs.
+        """
+        m, c, g = self.m, self.c, len(candidates)
+        lam_a = candidates[:, 1 + m:].reshape(g, m, c)
+        per_attribute = (self.y @ lam_a.reshape(g * m, c).T.astype(np.float32)).reshape(-1, g, m)
+        per_attribute += candidates[:, 1:1 + m].astype(np.float32)
+        z = candidates[:, 0].astype(np.float32) + np.einsum("bk,bgk->bg", self.d, per_attribute)
+        w = self.t[:, None] - z  # (B, G)
+        q = np.clip(w, 0.0, 1.0)
+        phi = (0.5 * (q - w) ** 2 - 0.5 * w * w).sum(0, dtype=np.float64)
+        dq = self.d[:, None, :] * q[:, :, None]  # (B, G, m)
+        label_part = (dq.reshape(len(q), g * m).T @ self.y).astype(np.float64).reshape(g, m * c)
+        sums = np.concatenate([q.sum(0, dtype=np.float64)[:, None], dq.sum(0, dtype=np.float64),
+                               label_part], axis=1)
+        return phi, sums
 
     def direction(self, x: np.ndarray, pg: np.ndarray, rows: slice, cg_iterations: int) -> np.ndarray:
         """Orthant-aligned, trust-capped Newton direction H^-1 pg on the free coordinates."""

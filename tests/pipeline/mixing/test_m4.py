@@ -10,11 +10,13 @@ from pipeline.mixing.m4 import (
     M4InfeasibleError,
     M4Problem,
     examples_from_columns,
+    fit_streaming,
     load_keep_probabilities,
     m4_keep_probabilities,
     m4_subsample,
     save_keep_probabilities,
     solve_sources,
+    write_keep_probabilities,
 )
 from pipeline.mixing.m4_report import m4_statistics
 
@@ -54,6 +56,8 @@ def test_planted_data_meets_every_bound_in_expectation(planted_results):
         assert result.q.min() >= 0 and result.q.max() <= 1
         assert result.after.kept_fraction == pytest.approx(0.9, abs=1e-9)
         assert 0.7 * len(s) < result.after.effective_sample_size <= len(s)
+        # The enforcement default is above every optimal dual: the soft constraints act as hard.
+        assert np.abs(result.duals.lambda_a).max() < result.duals.problem.dual_bound
 
 
 def test_seeded_subsample_meets_bounds_within_sampling_error(planted_results):
@@ -78,6 +82,27 @@ def test_streaming_objective_within_one_percent_of_exact(planted_results):
     assert exact.info["converged"] or exact.info["gap"] < 1e-6
     assert abs(streaming.objective - exact.objective) <= 0.01 * exact.objective
     np.testing.assert_allclose(streaming.q, exact.q, atol=0.05)
+
+
+def test_streaming_from_an_iterator_of_minibatches(planted_results):
+    """The O(m c) route: minibatches from a callable, q written into a preallocated array."""
+    s, y, _, exact = planted_results
+    problem = M4Problem.build(2, 5, **EPS)
+    chunks = [(s[i:i + 2500], y[i:i + 2500]) for i in range(0, len(s), 2500)]
+    duals, info = fit_streaming(lambda: iter(chunks), problem, passes=10)
+    assert info["batches"] == 10 * len(chunks) and info["examples_per_pass"] == len(s)
+    q = np.empty(len(s))
+    before = write_keep_probabilities(iter(chunks), duals, q).result()
+    np.testing.assert_allclose(before.representation, exact.before.representation)
+    assert q.mean() == pytest.approx(0.9, abs=1e-9)
+    np.testing.assert_allclose(duals.keep_probabilities(s[:100], y[:100]), q[:100], atol=1e-6)
+    after = m4_statistics(s, y, q, eps_r=0.02, eps_a=0.005, tolerance=1e-4)
+    assert after.violations == ()
+    with pytest.raises(ValueError, match="same examples every pass"):
+        calls = iter([chunks, chunks[:-1]])
+        fit_streaming(lambda: iter(next(calls)), problem, passes=2)
+    with pytest.raises(ValueError, match="passes must be an integer >= 1"):
+        fit_streaming(lambda: iter(chunks), problem, passes=0)
 
 
 def test_exact_solver_matches_a_generic_primal_qp():
