@@ -346,7 +346,7 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
     `hessian_rows` rows of) the minibatch (Hessian-vector products are two (B, c) x (c, m)
     products; the Hessian is never formed), aligned with the orthant of the L1 term as in
     OWL-QN, capped by a trust region, then a backtracking line search on the minibatch dual.
-    Its iterates are averaged over the second half of the pass.
+    Its iterates are averaged over (at least) the last half of the pass.
 
     Each later pass streams the exact full-data dual value and gradient at G =
     len(STEP_GRID) points along the current Newton direction (step sizes STEP_GRID; one
@@ -381,7 +381,11 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
     eps = np.concatenate([[0.0], problem.eps_r, problem.eps_a.ravel()]) * problem.eta
     upper = np.concatenate([[np.inf], np.full(size - 1, problem.dual_bound)])
     state = np.zeros(size)
-    iterates: list[np.ndarray] = []
+    # Tail average of the pass-1 iterates in O(size): sums over [2^(k-1), 2^k) and [2^k, t],
+    # so at least the last half of the iterates are averaged without keeping them.
+    previous_sum, current_sum = np.zeros(size), np.zeros(size)
+    previous_count = current_count = 0
+    next_window = 1
     sample_rows: list[tuple] = []
     kept_rows = 0
     num_batches = failures = examples = 0
@@ -396,10 +400,15 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
         state, ok = minibatch.newton_step(state, eps, upper, hessian_rows, cg_iterations)
         failures += not ok
         num_batches += 1
-        iterates.append(state)
+        if num_batches == next_window:
+            previous_sum, previous_count = current_sum, current_count
+            current_sum, current_count = np.zeros(size), 0
+            next_window *= 2
+        current_sum += state
+        current_count += 1
     if examples == 0:
         raise ValueError("the minibatch iterable yielded no examples")
-    state = np.mean(iterates[len(iterates) // 2:], axis=0)
+    state = (previous_sum + current_sum) / (previous_count + current_count)
     sample = _Minibatch(problem, np.concatenate([r[0] for r in sample_rows]),
                         np.concatenate([r[1] for r in sample_rows]),
                         None if sample_rows[0][2] is None else np.concatenate([r[2] for r in sample_rows]))
