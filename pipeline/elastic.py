@@ -146,12 +146,22 @@ def consolidate_zero_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
 
 # -- the consumed stream -------------------------------------------------------------------
 class ConsumedExamplesLog(Callback):
-    """Appends every training micro-batch's (step, rank, source, example index) to
-    ``<directory>/rank<r>.jsonl`` (one JSON object per micro-batch, flushed)."""
+    """Writes every training micro-batch's (step, rank, source, example index) to
+    ``<directory>/rank<r>-from<step>.jsonl`` (one JSON object per micro-batch, flushed).
+
+    One file per rank and launch, named by the step the launch started at, so a relaunch
+    after a crash never mixes with the steps the crashed launch did past its checkpoint.
+    """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self._micro: dict[int, int] = defaultdict(int)
+        self._path: Path | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._path = self.directory / f"rank{trainer.global_rank}-from{trainer.global_step:08d}.jsonl"
+        self._path.write_text("")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = int(batch["step"][0])
@@ -160,29 +170,36 @@ class ConsumedExamplesLog(Callback):
                   "source": [names[i] for i in batch["source_ids"].tolist()],
                   "index": batch["example_index"].tolist()}
         self._micro[step] += 1
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / f"rank{trainer.global_rank}.jsonl", "a") as stream:
+        with open(self._path, "a") as stream:
             stream.write(json.dumps(record) + "\n")
 
 
 def read_consumed(directory: str | Path) -> list[tuple[int, str, int]]:
-    """The global stream a run trained on: (step, source, index) in stream order.
+    """The stream the run's final state was trained on: (step, source, index) in stream order.
 
-    Stream order within a step is rank-major, then micro-batch (rank r holds slice r).
+    Launches are applied in the order of their start step: a launch that started at step S
+    (a resume) supersedes whatever earlier launches logged for steps >= S. Within a step
+    the order is rank-major, then micro-batch (rank r holds slice r of the global batch).
 
     Raises:
-        ValueError: a step whose ranks disagree about the world size, or a micro-batch logged twice.
+        ValueError: a micro-batch logged twice by one launch.
     """
-    records = []
-    for path in sorted(Path(directory).glob("rank*.jsonl")):
-        records += [json.loads(line) for line in path.read_text().splitlines() if line]
-    seen = set()
-    for r in records:
-        key = (r["step"], r["rank"], r["micro"])
-        if key in seen:
-            raise ValueError(f"{directory}: step {key[0]} rank {key[1]} micro-batch {key[2]} logged twice")
-        seen.add(key)
-    records.sort(key=lambda r: (r["step"], r["rank"], r["micro"]))
+    launches: dict[int, list[dict]] = defaultdict(list)
+    for path in Path(directory).glob("rank*-from*.jsonl"):
+        start = int(path.stem.rsplit("-from", 1)[1])
+        launches[start] += [json.loads(line) for line in path.read_text().splitlines() if line]
+    kept: dict[tuple[int, int, int], dict] = {}
+    for start in sorted(launches):
+        kept = {key: r for key, r in kept.items() if key[0] < start}
+        logged = set()
+        for r in launches[start]:
+            key = (r["step"], r["rank"], r["micro"])
+            if key in logged:
+                raise ValueError(f"{directory}: step {key[0]} rank {key[1]} micro-batch {key[2]} "
+                                 "logged twice by one launch")
+            logged.add(key)
+            kept[key] = r
+    records = [kept[key] for key in sorted(kept)]
     return [(r["step"], s, i) for r in records for s, i in zip(r["source"], r["index"], strict=True)]
 
 

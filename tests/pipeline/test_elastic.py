@@ -116,7 +116,7 @@ def test_two_node_zero2_losses_equal_a_single_process_run(two_node_zero2):
         assert distributed[step] == pytest.approx(reference[step], rel=LOSS_RTOL), step
     assert len(set(reference.values())) == STEPS  # it trained: every step's loss differs
     # Both "nodes" trained: each rank logged its half of every global batch.
-    assert sorted(p.name for p in (run / "consumed").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
+    assert sorted(p.name for p in (run / "consumed").iterdir()) == ["rank0-from00000000.jsonl", "rank1-from00000000.jsonl"]
     assert read_consumed(run / "consumed") == read_consumed(single / "consumed")
     # The sharded checkpoint holds one optimizer shard per rank.
     shards = sorted(p.name for p in (run / "checkpoints" / "step000004.ckpt" / "checkpoint").glob("*optim*"))
@@ -247,3 +247,63 @@ def test_ranks_launched_with_different_configs_stop_with_a_clear_message(demo_da
         assert process.returncode != 0, text[-3000:]
         assert "ranks disagree about the run (rank 1 differs from rank 0 in config_digest, mixture, sampler_stream)" in text
     assert not (tmp_path / "run" / "consumed").exists()  # no step was trained
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_rank_killed_mid_run_is_relaunched_from_the_last_complete_checkpoint(demo_data, compose_config, tmp_path):
+    """SIGKILL rank 1 of a 2-process ZeRO-2 run after its first checkpoint; torchrun tears the
+    job down; the same command with ckpt_path=last continues and finishes on the same stream."""
+    import json
+    import time
+
+    import psutil
+
+    from pipeline.datamodule import datamodule_from_config
+
+    cache = demo_data[0].cache_dir
+    steps, every = 40, 4
+    overrides = [o for o in RUN if not o.startswith(("run.total_steps", "checkpoint.every_n_steps",
+                                                     "run.global_batch_size"))]
+    overrides += [f"run.total_steps={steps}", f"checkpoint.every_n_steps={every}", "run.global_batch_size=16",
+                  f"cache_dir={cache}", f"output_dir={tmp_path / 'run'}", "strategy=deepspeed_zero2",
+                  "trainer.devices=2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+               "127.0.0.1", "--master-port", str(_free_port()), "-m", "pipeline.train", *overrides]
+    pointer = tmp_path / "run" / "checkpoints" / "last.json"
+    with open(tmp_path / "first.log", "w") as stream:
+        launcher = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=stream, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not pointer.is_file() and launcher.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                   if p.environ().get("RANK") == "1"]
+        assert workers, "rank 1 not found (did the run finish before the kill?)"
+        workers[0].kill()  # SIGKILL: no handler, no cleanup
+        launcher.wait(timeout=120)
+    assert launcher.returncode != 0
+    killed_at = json.loads(pointer.read_text())["global_step"]
+    assert 0 < killed_at < steps
+
+    command[command.index("--master-port") + 1] = str(_free_port())
+    with open(tmp_path / "second.log", "w") as stream:
+        relaunch = subprocess.Popen([*command, "ckpt_path=last"], cwd=REPO, env=_env(), stdout=stream,
+                                    stderr=subprocess.STDOUT)
+        _check([relaunch], [tmp_path / "second.log"], timeout=600)
+    log = (tmp_path / "second.log").read_text()
+    assert f"resuming from {tmp_path / 'run' / 'checkpoints' / f'step{killed_at:06d}.ckpt'}" in log
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "completed" and results["global_steps"] == steps
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # no staging left behind
+
+    # Stream: steps before the resume point from the killed launch, the rest from the
+    # relaunch (steps the killed launch did past its last checkpoint are redone, not
+    # skipped): together exactly the sampler's global stream.
+    starts = sorted(p.name for p in (tmp_path / "run" / "consumed").iterdir())
+    assert starts == ["rank0-from00000000.jsonl", f"rank0-from{killed_at:08d}.jsonl",
+                      "rank1-from00000000.jsonl", f"rank1-from{killed_at:08d}.jsonl"]
+    datamodule = datamodule_from_config(compose_config(overrides), *demo_data[1:])
+    expected = [(step, datamodule.sources[s], i) for step in range(steps)
+                for s, i in zip(datamodule.sampler.global_batch(step).source.tolist(),
+                                datamodule.sampler.global_batch(step).index.tolist(), strict=True)]
+    assert read_consumed(tmp_path / "run" / "consumed") == expected
