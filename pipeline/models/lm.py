@@ -28,6 +28,7 @@ from pipeline.metrics import PerSourceSum, source_key
 from pipeline.models.transformer import DecoderOnlyTransformer, TransformerConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
+SEEN_KEY = "mixpipe_seen"  # checkpoint entry: per-source totals of tokens and rows trained on
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
@@ -39,6 +40,18 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return min_ratio + (1 - min_ratio) * shape
+
+
+def _replace_sampler_states(node: Any, fresh: dict) -> None:
+    """Swap every saved sampler state (`{"sampler": {"fingerprint": ...}}`) for `fresh`."""
+    if isinstance(node, dict):
+        if isinstance(node.get("sampler"), dict) and "fingerprint" in node["sampler"]:
+            node["sampler"] = dict(fresh)
+        for value in node.values():
+            _replace_sampler_states(value, fresh)
+    elif isinstance(node, list | tuple):
+        for value in node:
+            _replace_sampler_states(value, fresh)
 
 
 class LanguageModel(pl.LightningModule):
@@ -104,15 +117,29 @@ class LanguageModel(pl.LightningModule):
             optimizer, lambda step: lr_factor(step, warmup, total, name, floor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Tokens and rows seen per source are metric states, not in the state dict: store
+        # their all-rank totals (compute() syncs; every rank runs this hook) so a resumed
+        # run's results.json still counts the whole run.
+        checkpoint[SEEN_KEY] = {name: [t.detach().cpu() for t in getattr(self, name).compute()]
+                                for name in ("seen_tokens", "seen_rows")}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning calls this before it restores the datamodule. When a resume was allowed
-        # to change the sources or mixture, the saved sampler state belongs to another
-        # stream (its check would refuse it): continue this run's stream at the saved step.
+        for name, (sums, counts) in checkpoint.get(SEEN_KEY, {}).items():
+            metric = getattr(self, name)
+            if sums.numel() != metric.num_sources:  # other sources (resume.allow_mismatch): start over
+                continue
+            keep = 1.0 if self.global_rank == 0 else 0.0  # the totals live on one rank: synced sums stay right
+            metric.sums = sums.to(self.device, torch.float64) * keep
+            metric.counts = counts.to(self.device, torch.float64) * keep
+        # Lightning calls this before it restores the datamodule and the loops. When a resume
+        # was allowed to change the sources or mixture, the saved sampler states (in the
+        # datamodule's entry and the fit loop's dataloader state) belong to another stream
+        # and their check would refuse them: continue this run's stream at the saved step.
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if not self.restart_stream_on_load or datamodule is None:
-            return
-        checkpoint[type(datamodule).__qualname__] = {
-            "sampler": datamodule.sampler.state_dict(int(checkpoint["global_step"]))}
+        if self.restart_stream_on_load and datamodule is not None:
+            fresh = datamodule.sampler.state_dict(int(checkpoint["global_step"]))
+            _replace_sampler_states(checkpoint, fresh)
 
     # -- training --------------------------------------------------------------------------
     def _hidden(self, batch) -> torch.Tensor:
