@@ -77,6 +77,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -368,7 +369,7 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
 
     Returns:
         (duals, info) with info = {"passes", "batches", "examples_per_pass", "dual_value",
-        "newton_steps", "shrinks", "line_search_failures"}.
+        "newton_steps", "shrinks", "line_search_failures", "pass_seconds"}.
     """
     if int(passes) != passes or passes < 1:
         raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
@@ -389,6 +390,7 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
     sample_rows: list[tuple] = []
     kept_rows = 0
     num_batches = failures = examples = 0
+    pass_seconds = [time.perf_counter()]  # wall time per pass, iterator time included
     for batch in batches():  # pass 1: stochastic
         s, y, u = _unpack(batch, m, c, check_binary)
         examples += len(s)
@@ -408,6 +410,7 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
         current_count += 1
     if examples == 0:
         raise ValueError("the minibatch iterable yielded no examples")
+    pass_seconds.append(time.perf_counter())
     state = (previous_sum + current_sum) / (previous_count + current_count)
     sample = _Minibatch(problem, np.concatenate([r[0] for r in sample_rows]),
                         np.concatenate([r[1] for r in sample_rows]),
@@ -430,6 +433,7 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
         if count != examples:
             raise ValueError(f"the minibatches held {examples} examples in pass 1 and {count} later; "
                              "`batches` must yield the same examples every pass")
+        pass_seconds.append(time.perf_counter())
         values = (total_phi / count + 0.5 * eta * eta - candidates[:, 0] * eta
                   - np.abs(candidates) @ eps)
         pick = int(np.argmax(values))
@@ -456,7 +460,8 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
     duals = M4Duals(problem, float(final[0]), final[1:1 + m].copy(), final[1 + m:].reshape(m, c).copy())
     return duals, {"passes": int(passes), "batches": num_batches, "examples_per_pass": examples,
                    "dual_value": float(best_value), "newton_steps": newton_steps,
-                   "shrinks": shrinks, "line_search_failures": failures}
+                   "shrinks": shrinks, "line_search_failures": failures,
+                   "pass_seconds": np.diff(pass_seconds).tolist()}
 
 
 class _Minibatch:
