@@ -218,6 +218,12 @@ def test_bad_data_raise_clear_errors():
         m4_keep_probabilities(s, y[:99])
     with pytest.raises(ValueError, match="at least one sensitive attribute"):
         m4_keep_probabilities(np.zeros((100, 0)), y)
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_dict({"gender": s[:, 0].astype(int), "dog": y[:, 0], "cat": y[:, 1]})
+    attributes, labels, utility = examples_from_columns(table, ["gender"], ["dog", "cat"])
+    np.testing.assert_array_equal(attributes[:, 0], s[:, 0])
+    np.testing.assert_array_equal(labels, y[:, :2])
+    assert utility is None
     table = {"gender": s[:, 0].astype(int), "dog": y[:, 0], "cat": y[:, 1]}
     with pytest.raises(ValueError, match=r"missing attribute column\(s\) \['age'\]"):
         examples_from_columns(table, ["gender", "age"], ["dog"])
