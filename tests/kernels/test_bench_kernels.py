@@ -1,0 +1,25 @@
+"""scripts/bench_kernels.py --quick runs end to end (its numbers mean nothing at tiny shapes)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_bench_kernels_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--quick", "--repeats", "1",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {r["case"].split()[0] for r in rows} == {"flce", "contrastive"}
+    for r in rows:
+        assert r["impl"] == "chunked" and r["verdict"] in ("PASS", "MISS")
+        assert r["naive"]["peak_bytes"] > 0 and r["fast"]["time_s"] > 0
+        assert len(r["fast"]["times_s"]) == 1
+    assert "mem/naive" in proc.stdout
