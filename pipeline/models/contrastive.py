@@ -89,8 +89,9 @@ class DualEncoder(nn.Module):
         image_width = self.image_tower.norm.normalized_shape[0]
         self.image_proj = nn.Linear(image_width, embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text_tower.config.d_model, embed_dim, bias=False)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)), requires_grad=objective == "sigmoid")
+        # Shape (1,), not 0-d: DeepSpeed's parameter broadcast cannot view 0-d tensors as bytes.
+        self.log_scale = nn.Parameter(torch.tensor([math.log(init_logit_scale)]))
+        self.bias = nn.Parameter(torch.tensor([float(init_logit_bias)]), requires_grad=objective == "sigmoid")
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.image_tower(images)), dim=-1)
@@ -101,7 +102,13 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_proj(hidden[rows, eos_positions]), dim=-1)
 
     def logit_scale(self) -> torch.Tensor:
-        return self.log_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+        """Scalar multiplier exp(log_scale), clamped at MAX_LOGIT_SCALE."""
+        return self.log_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp().squeeze(0)
+
+    @property
+    def logit_bias(self) -> torch.Tensor:
+        """Scalar sigmoid bias (fixed, unused for softmax)."""
+        return self.bias.squeeze(0)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
