@@ -13,6 +13,7 @@ from typing import Any
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpointing import AtomicModelCheckpoint
@@ -90,7 +91,9 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, identity: dict[str, Any] 
 
 def log_run_start(logger, cfg: DictConfig, report) -> None:
     """Composed config as hyperparameters and the pre-flight mixture table (rank zero)."""
-    if not logger:
+    # Every launched process runs the entry; another rank would open its own CSV version
+    # directory (the next free number) just to write mixture.csv there.
+    if not logger or rank_zero_only.rank != 0:
         return
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     rows = report.rows()

@@ -38,11 +38,11 @@ RUN = ["experiment=demo", f"run.total_steps={STEPS}", "run.global_batch_size=8",
        "model.schedule.warmup_steps=0"]
 
 
-def _train(tmp_path: Path, cache: str, name: str, strategy: str, devices: int) -> Path:
+def _train(tmp_path: Path, cache: str, name: str, strategy: str, devices: int, *extra: str) -> Path:
     """`python -m pipeline.train ...` in a subprocess (Lightning starts rank 1 itself); the run dir."""
     out = tmp_path / name
     command = [sys.executable, "-m", "pipeline.train", *RUN, f"cache_dir={cache}", f"output_dir={out}",
-               f"hydra.run.dir={out / 'hydra'}", f"trainer.devices={devices}", f"strategy={strategy}"]
+               f"hydra.run.dir={out / 'hydra'}", f"trainer.devices={devices}", f"strategy={strategy}", *extra]
     # One thread per process: two ranks on two cores, and the reference alike.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     env.pop("MASTER_PORT", None)  # Lightning picks a free port for the pair
@@ -62,6 +62,7 @@ def _assert_matches_reference(run: Path, reference: Path, tmp_path: Path) -> Non
     assert pointer["checkpoint"] == f"step{STEPS:06d}.ckpt" and pointer["global_step"] == STEPS
     assert (run / "checkpoints" / "step000002.ckpt").exists()
     assert not list((run / "checkpoints").glob(".*"))  # no staging leftovers
+    assert all((v / "metrics.csv").is_file() for v in (run / "csv").glob("version_*"))  # rank 1 logs nothing
     for key in ("train/loss", "train/grad_norm"):
         got = torch.tensor(_metric_series(run, key), dtype=torch.float64)
         want = torch.tensor(_metric_series(reference, key), dtype=torch.float64)
@@ -97,8 +98,12 @@ def test_two_processes_match_one_process(strategy, reference_run, demo_data, tmp
 
 
 def _metric_series(run_dir: Path, key: str) -> list[float]:
-    with open(run_dir / "csv" / "version_0" / "metrics.csv", newline="") as stream:
-        return [float(row[key]) for row in csv.DictReader(stream) if row.get(key)]
+    """The metric's values in logging order, over every CSV version (a resume adds one)."""
+    values = []
+    for version in sorted((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
+        with open(version / "metrics.csv", newline="") as stream:
+            values += [float(row[key]) for row in csv.DictReader(stream) if row.get(key)]
+    return values
 
 
 def _model_parameters(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
@@ -111,3 +116,15 @@ def _model_parameters(checkpoint: Path, tmp_path: Path) -> dict[str, torch.Tenso
         checkpoint = single
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     return {k: v.float() for k, v in state.items() if k.startswith("model.")}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_resumes_from_its_sharded_last_checkpoint(reference_run, demo_data, tmp_path):
+    """2 steps, stop; `ckpt_path=last` follows last.json to the sharded directory; 2 more steps."""
+    cache = demo_data[0].cache_dir
+    run = _train(tmp_path, cache, "zero3_resumed", "deepspeed_zero3", 2, "+trainer.max_steps=2")
+    assert json.loads((run / "checkpoints" / "last.json").read_text())["checkpoint"] == "step000002.ckpt"
+    (run / "checkpoints" / ".step000004.ckpt.tmp").mkdir()  # a killed writer's partial shards
+    _train(tmp_path, cache, "zero3_resumed", "deepspeed_zero3", 2, "ckpt_path=last")
+    _assert_matches_reference(run, reference_run, tmp_path)
