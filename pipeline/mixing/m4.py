@@ -661,6 +661,17 @@ def write_keep_probabilities(batches: Iterable[Batch], duals: M4Duals, out: np.n
     return before
 
 
+def _clipped_mean_and_slope(w: np.ndarray, mu: float, chunk: int = 1 << 18) -> tuple[float, float]:
+    """(mean(clip(w - mu, 0, 1)), fraction strictly inside (0, 1)), in chunks so that the
+    temporaries stay O(chunk), not O(N)."""
+    total = inside = 0.0
+    for start in range(0, len(w), chunk):
+        shifted = w[start:start + chunk] - mu
+        total += float(np.clip(shifted, 0.0, 1.0).sum())
+        inside += float(np.count_nonzero((shifted > 0) & (shifted < 1)))
+    return total / len(w), inside / len(w)
+
+
 def _solve_mu(w: np.ndarray, eta: float, mu0: float) -> float:
     """mu with mean(clip(w - mu, 0, 1)) = eta (monotone, piecewise linear): safeguarded Newton."""
     lo, hi = float(w.min()) - 1.0, float(w.max())  # mean = 1 at lo, 0 at hi
@@ -668,15 +679,14 @@ def _solve_mu(w: np.ndarray, eta: float, mu0: float) -> float:
         return lo
     mu = min(max(mu0, lo), hi)
     for _ in range(100):
-        shifted = w - mu
-        value = float(np.clip(shifted, 0.0, 1.0).mean()) - eta
+        mean, slope = _clipped_mean_and_slope(w, mu)
+        value = mean - eta
         if abs(value) < 1e-12:
             break
         if value > 0:
             lo = mu
         else:
             hi = mu
-        slope = float(((shifted > 0) & (shifted < 1)).mean())
         step = mu + value / slope if slope > 0 else 0.5 * (lo + hi)
         mu = step if lo < step < hi else 0.5 * (lo + hi)
         if hi - lo < 1e-13:
