@@ -68,7 +68,8 @@ def _merge(zero_stage: int, flat_groups: list, world_size: int, model_states: li
     from deepspeed.utils import zero_to_fp32 as z
 
     merged: dict[str, Any] = {}
-    with contextlib.redirect_stdout(io.StringIO()):  # the merge routines print progress
+    # The merge routines print progress (stdout) and draw tqdm bars (stderr).
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         if zero_stage <= 2:
             z._zero2_merge_trainable_params(merged, world_size, flat_groups, model_states, paddings)
         else:
@@ -232,3 +233,90 @@ class RankAgreement(Callback):
                               for rank, keys in differing.items())
             raise ValueError(f"ranks disagree about the run ({lines}): every node must be launched "
                              "with the same config overrides, prepared data and tokenizer")
+
+
+# -- re-sharding for ZeRO-1/2 at another world size ------------------------------------------
+def reshard_zero12_checkpoint(source: str | Path, target: str | Path, world_size: int) -> Path:
+    """Write `source` (a ZeRO-1/2 checkpoint directory, any world size) as a ZeRO-1/2
+    checkpoint for `world_size` ranks at `target`, which DeepSpeed then loads natively.
+
+    The consolidated weights and Adam moments of every parameter group are laid out as
+    DeepSpeed's ZeRO-1/2 optimizer lays them out at `world_size`: the group's parameters
+    flattened in order, zero-padded to a multiple of 2 x world_size, cut into world_size
+    equal partitions (padding in the last). Written atomically (staged, then renamed).
+
+    Raises:
+        ValueError: ZeRO-3 (parameters are partitioned per tensor; consolidate instead), or
+            per-parameter alignment padding (a layout this function does not reproduce).
+    """
+    import math
+    import os
+    import shutil
+
+    source, target = Path(source), Path(target)
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    tag_dir = _tag_dir(source)
+    from deepspeed.utils import zero_to_fp32 as z
+
+    shard = torch.load(z.get_optim_files(str(tag_dir))[0], map_location="cpu", weights_only=False)
+    meta = shard["optimizer_state_dict"]
+    if int(meta["zero_stage"]) > 2:
+        raise ValueError(f"{source} is a ZeRO-3 checkpoint: re-sharding supports ZeRO-1/2; consolidate "
+                         "it (scripts/consolidate_checkpoint.py) and resume with strategy=single or ddp")
+    if any(any(p) for p in meta.get("param_alignment_paddings") or []):
+        raise ValueError(f"{source} uses per-parameter alignment padding, which re-sharding does not reproduce")
+    full = consolidate_zero_checkpoint(source)
+    client = torch.load(z.get_model_state_file(str(tag_dir), int(meta["zero_stage"])), map_location="cpu",
+                        weights_only=False)
+    base = _base_optimizer_state(shard)
+    weights, moments = full["state_dict"], full["optimizer_states"][0]["state"]
+
+    names = [list(shapes) for shapes in client["param_shapes"]]
+    numbers = iter(range(sum(len(n) for n in names)))
+    flat: dict[str, list[torch.Tensor]] = {"fp32": [], "exp_avg": [], "exp_avg_sq": []}
+    steps = []
+    for group in names:
+        ids = [next(numbers) for _ in group]
+        flat["fp32"].append(torch.cat([weights[n].flatten().float() for n in group]))
+        for key in _MOMENTS:
+            flat[key].append(torch.cat([moments[i][key].flatten() for i in ids]))
+        steps.append(moments[ids[0]]["step"])
+
+    staging = target.with_name(f".{target.name}.tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    out_tag = staging / tag_dir.name
+    out_tag.mkdir(parents=True)
+    alignment = 2 * world_size  # DeepSpeed's nccl_start_alignment_factor x world size
+    for rank in range(world_size):
+        fp32, paddings, state = [], [], {}
+        for g, vector in enumerate(flat["fp32"]):
+            numel = vector.numel()
+            part = math.ceil(numel / alignment) * alignment // world_size
+            lo = rank * part
+            padded = {k: torch.nn.functional.pad(flat[k][g], (0, part * world_size - numel)) for k in flat}
+            fp32.append(vector[lo:min(lo + part, numel)].clone())  # saved without the padding
+            paddings.append(part if numel <= lo else max(0, lo + part - numel))
+            state[g] = {"step": steps[g].clone(),
+                        **{k: padded[k][lo:lo + part].clone() for k in _MOMENTS}}
+        optimizer = {**{k: meta[k] for k in ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad",
+                                             "zero_stage", "param_alignment_paddings", "ds_version")
+                        if k in meta},
+                     "base_optimizer_state": {"state": state, "param_groups": base["param_groups"]},
+                     "single_partition_of_fp32_groups": fp32, "group_paddings": paddings,
+                     "partition_count": [world_size] * len(names)}
+        torch.save({**{k: v for k, v in shard.items() if k != "optimizer_state_dict"},
+                    "optimizer_state_dict": optimizer},
+                   out_tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    module = {name: weights[name.removeprefix("_forward_module.")].clone() for name in client["module"]}
+    torch.save({**client, "module": module, "dp_world_size": world_size},
+               out_tag / "mp_rank_00_model_states.pt")
+    (staging / "latest").write_text(tag_dir.name)
+    for extra in source.iterdir():  # sidecars (run identity), not the shards
+        if extra.is_file() and extra.name != "latest":
+            shutil.copy2(extra, staging / extra.name)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target

@@ -153,6 +153,27 @@ def test_zero2_world2_resumes_at_world1_from_the_consolidated_checkpoint(two_nod
 
 
 @pytest.mark.distributed
+def test_zero2_world2_resumes_with_zero2_at_world1_from_resharded_shards(two_node_zero2):
+    """W=2 ZeRO-2 -> shards re-written for 1 rank -> ZeRO-2 at W=1 to step 4 == uninterrupted."""
+    cache, tmp, run = two_node_zero2
+    resharded = tmp / "step2.w1.ckpt"
+    out = subprocess.run([sys.executable, "scripts/consolidate_checkpoint.py", str(run / "checkpoints" / "step000002.ckpt"),
+                          "--zero-world-size", "1", "-o", str(resharded)],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(list((resharded / "checkpoint").glob("*optim_states.pt"))) == 1
+    resumed = train_single(tmp / "resumed_zero2_w1", cache, "strategy=deepspeed_zero2", f"ckpt_path={resharded}")
+    assert_same_state(consolidate_zero_checkpoint(run / "checkpoints" / "step000004.ckpt"),
+                      consolidate_zero_checkpoint(resumed / "checkpoints" / "step000004.ckpt"))
+    losses, reference = step_losses(resumed), step_losses(run)
+    assert sorted(losses) == [2, 3]
+    for step in losses:
+        assert losses[step] == pytest.approx(reference[step], rel=LOSS_RTOL)
+    first = [c for c in read_consumed(run / "consumed") if c[0] < 2]
+    assert first + read_consumed(resumed / "consumed") == read_consumed(run / "consumed")
+
+
+@pytest.mark.distributed
 def test_consolidated_checkpoint_loads_without_deepspeed(two_node_zero2):
     """The consolidated weights are the ZeRO run's: same logits as the sharded engine's weights."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -210,11 +231,37 @@ def test_zero2_world1_resumes_at_world2_with_ddp(demo_data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_zero2_world1_resumes_with_zero2_at_world2_from_resharded_shards(demo_data, tmp_path):
+    from pipeline.elastic import reshard_zero12_checkpoint
+
+    cache = demo_data[0].cache_dir
+    run = train_single(tmp_path / "zero2_w1", cache, "strategy=deepspeed_zero2")
+    resharded = reshard_zero12_checkpoint(run / "checkpoints" / "step000002.ckpt", tmp_path / "step2.w2.ckpt", 2)
+    resumed = train_torchrun(tmp_path / "resumed_w2", cache, 1, 2, "strategy=deepspeed_zero2", f"ckpt_path={resharded}")
+    assert_same_state(consolidate_zero_checkpoint(run / "checkpoints" / "step000004.ckpt"),
+                      consolidate_zero_checkpoint(resumed / "checkpoints" / "step000004.ckpt"))
+    first = [c for c in read_consumed(run / "consumed") if c[0] < 2]
+    assert first + read_consumed(resumed / "consumed") == read_consumed(run / "consumed")
+
+
+def test_resharding_refuses_a_world_size_below_one(tmp_path):
+    from pipeline.elastic import reshard_zero12_checkpoint
+
+    with pytest.raises(ValueError, match="world_size must be >= 1"):
+        reshard_zero12_checkpoint(tmp_path / "a.ckpt", tmp_path / "b.ckpt", 0)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero3_world2_consolidates_and_resumes_at_world1(demo_data, tmp_path):
     cache = demo_data[0].cache_dir
     run = train_torchrun(tmp_path / "zero3_w2", cache, 1, 2, "strategy=deepspeed_zero3")
     consolidated = consolidate_zero_checkpoint(run / "checkpoints" / "step000002.ckpt")
     assert consolidated["mixpipe_consolidated_from"]["zero_stage"] == 3
+    from pipeline.elastic import reshard_zero12_checkpoint
+
+    with pytest.raises(ValueError, match="ZeRO-3 checkpoint"):
+        reshard_zero12_checkpoint(run / "checkpoints" / "step000002.ckpt", tmp_path / "no.ckpt", 1)
     from pipeline.checkpointing import AtomicCheckpointIO
 
     AtomicCheckpointIO().save_checkpoint(consolidated, tmp_path / "step2.ckpt")
