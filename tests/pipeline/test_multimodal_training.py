@@ -76,6 +76,10 @@ def test_batches_carry_images_captions_attributes_and_weights(mm, compose_config
     assert len(val) == sum(dm.split.val.values()) + corpus.num_documents("reference")
     ref = dm.val_collate(dm.val_set.__getitems__(dm.val_items()[-1]))
     assert bool(ref["is_reference"].all())
+    # Caption languages mix like text sources: temperature sampling over their training sizes.
+    sizes = np.array([dm.split.train[n] for n in dm.sources], dtype=float)
+    expected = sizes ** (1 / 3.33) / (sizes ** (1 / 3.33)).sum()
+    assert np.allclose(dm.sampler.plan_at(0).sample_probs, expected)
 
 
 def test_example_weights_flow_into_the_loss(mm):
@@ -158,6 +162,20 @@ def test_m4_balancing_reaches_the_sampler_or_the_loss(mm, compose_config, mode):
         assert weights.mean() == pytest.approx(1.0) and weights.std() > 0.1
         batch = dm.collate(dm.train_set.__getitems__([(1, i, 0) for i in range(6)]))
         assert batch["weights"].tolist() == pytest.approx(dm.train_set.example_weights["img-eng"][:6].tolist())
+
+
+@pytest.mark.parametrize("override, match", [
+    ("+balance.method=reweigh", "balance.method must be one of"),
+    ("+balance.mystery=1", "unknown balance option"),
+    ("+balance.eta=1.5", "eta"),
+    ("+balance.eps_r=-0.1", "eps"),
+])
+def test_bad_balance_options_raise(mm, compose_config, override, match):
+    cfg, corpus, tokenizer = mm
+    base = [] if override.startswith("+balance.method") else ["+balance.method=m4"]
+    cfg = compose_config([*SMALL, f"cache_dir={cfg.cache_dir}", *base, override])
+    with pytest.raises(ValueError, match=match):
+        image_text_datamodule_from_config(cfg, corpus, tokenizer)
 
 
 def test_mixing_image_text_with_text_sources_is_refused(compose_config, mm):
