@@ -210,6 +210,14 @@ class ContrastiveModel(pl.LightningModule):
         self.seen_rows.update(torch.ones_like(tokens), batch["source_ids"])
         return loss * self.gradient_scale()
 
+    def on_train_start(self) -> None:
+        """Log the pre-flight M4 data statistics (before/after balancing), if any."""
+        report = getattr(getattr(self.trainer, "datamodule", None), "balance_report", None)
+        if report:
+            metrics = {f"data/m4_{when}/{key.removeprefix('data/m4/')}": float(value)
+                       for when in ("before", "after") for key, value in report[when].items()}
+            self.log_dict(metrics, rank_zero_only=True, batch_size=1)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
             return

@@ -124,10 +124,12 @@ def test_a_few_training_steps_lower_the_loss(mm, compose_config, objective):
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-def test_training_entry_runs_and_reports_retrieval_and_bias(mm, compose_config, tmp_path):
+@pytest.mark.parametrize("balance", [[], ["balance=m4", "balance.eta=0.6", "balance.solver=exact",
+                                           "balance.mode=weights", "balance.eps_a=0.03"]])
+def test_training_entry_runs_and_reports_retrieval_and_bias(mm, compose_config, tmp_path, balance):
     cfg, _, _ = mm
     record = train(compose_config([*SMALL, f"cache_dir={cfg.cache_dir}", "run.total_steps=3",
-                                   f"output_dir={tmp_path}"]))
+                                   f"output_dir={tmp_path}", *balance]))
     assert record["status"] == "completed" and record["global_steps"] == 3
     metrics = json.loads((tmp_path / "results.json").read_text())["metrics"]
     for key in ("val/retrieval/i2t_R@1", "val/retrieval/t2i_R@10", "val/zero_shot/accuracy",
@@ -135,6 +137,13 @@ def test_training_entry_runs_and_reports_retrieval_and_bias(mm, compose_config, 
         assert key in metrics and np.isfinite(metrics[key]), key
     assert 0 <= metrics["val/retrieval/i2t_R@1"] <= metrics["val/retrieval/i2t_R@10"] <= 1
     assert sum(s["samples_seen"] for s in record["sources"].values()) == 3 * 16
+    # The pre-flight M4 data statistics reach the run's metrics.
+    if balance:
+        assert metrics["data/m4_before/bias/representation/ring"] > 0.1
+        assert abs(metrics["data/m4_after/bias/representation/ring"]) <= 0.05 + 1e-6
+        assert metrics["data/m4_after/kept_fraction"] == pytest.approx(0.6, abs=1e-6)
+    else:
+        assert not any(key.startswith("data/m4") for key in metrics)
 
 
 @pytest.mark.parametrize("mode", ["subsample", "weights"])
