@@ -47,13 +47,14 @@ from kernels._validation import check_contrastive_inputs
 from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, resolve_impl
 from kernels.reference import acc_dtype, contrastive_loss_reference
 
-# Sigmoid tiles: T = 2048 gives T x T fp32 tiles of 16 MiB; forward and backward each hold at
-# most 2 at a time (logits and softplus / gradient and weights): ~32 MiB whatever B is.
-# Measured at B = 8192, D = 256 on the shared 2-core VM (fwd + bwd, medians of 3, same run):
-# naive 7.5 s, T = 1024 17.6 s, T = 2048 9.3 s, T = 4096 8.0 s. Every tile is a handful of
-# multithreaded ops, and fewer, larger tiles pay less per-op overhead; 2048 keeps the extra
-# memory ~20x below the naive 1.3 GiB where 4096 (~130 MiB) would be ~10x.
-DEFAULT_SIGMOID_BLOCK = 2048
+# Sigmoid tiles: T = 1024 gives T x T fp32 tiles of 4 MiB; a pass holds at most 3 at a time
+# (-L, logsigmoid's output and its buffer; logits and weights in backward). Measured at
+# B = 8192, D = 256 (fwd + bwd, extra peak RSS above the inputs): T = 1024 61-105 MiB,
+# T = 2048 97-193 MiB (freed 16 MiB tiles stay in glibc's heap), naive 1.3 GiB, so 1024
+# keeps the 10x memory goal. Time, same runs: with 1 thread T = 1024 and 2048 both beat the
+# naive loss (4.9-6.3 s vs 8.3-13.4 s); with 2 threads on the loaded shared VM every
+# per-tile op pays OpenMP barrier waits and 1024 took 2-4x the naive time, 2048 ~1.2-1.4x.
+DEFAULT_SIGMOID_BLOCK = 1024
 
 
 class _GatherWithGrad(torch.autograd.Function):
