@@ -8,7 +8,14 @@ import pytest
 
 from data_recipes.base import SourceRecords
 from data_recipes.image_text_coco_mini import ImageTextCocoMini
-from data_recipes.image_text_embedded import ATTRIBUTE_NAMES, COLOURS, LABEL_NAMES, RGB, SHAPES, ImageTextEmbedded
+from data_recipes.image_text_embedded import (
+    ATTRIBUTE_NAMES,
+    COLOURS,
+    LABEL_NAMES,
+    RGB,
+    SHAPES,
+    ImageTextEmbedded,
+)
 from data_recipes.image_text_hf import ImageTextHF
 from pipeline.sources import prepare_sources
 
