@@ -368,16 +368,17 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
         cg_iterations: conjugate-gradient iterations per Newton direction.
 
     Returns:
-        (duals, info) with info = {"passes", "batches", "examples_per_pass", "dual_value",
+        (duals, info) with info = {"passes", "passes_run", "batches", "examples_per_pass", "dual_value",
         "newton_steps", "shrinks", "line_search_failures", "pass_seconds"}.
     """
     if int(passes) != passes or passes < 1:
         raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
     m, c = problem.num_attributes, problem.num_labels
     if problem.eta == 1.0:  # q = 1 is the only point with mean 1: nothing to fit
-        return M4Duals.zeros(problem), {"passes": 0, "batches": 0, "examples_per_pass": 0,
-                                        "dual_value": float("nan"), "newton_steps": 0,
-                                        "backtracks": 0, "line_search_failures": 0}
+        return M4Duals.zeros(problem), {"passes": 0, "passes_run": 0, "batches": 0,
+                                        "examples_per_pass": 0, "dual_value": float("nan"),
+                                        "newton_steps": 0, "shrinks": 0,
+                                        "line_search_failures": 0, "pass_seconds": []}
     size = 1 + m + m * c  # [mu, lambda_r, lambda_a.ravel()]
     eps = np.concatenate([[0.0], problem.eps_r, problem.eps_a.ravel()]) * problem.eta
     upper = np.concatenate([[np.inf], np.full(size - 1, problem.dual_bound)])
@@ -458,7 +459,8 @@ def fit_streaming(batches: Callable[[], Iterable[Batch]], problem: M4Problem, *,
                                for alpha in STEP_GRID]) if newton_steps else best[None, :]
     final = state if passes == 1 else best
     duals = M4Duals(problem, float(final[0]), final[1:1 + m].copy(), final[1 + m:].reshape(m, c).copy())
-    return duals, {"passes": int(passes), "batches": num_batches, "examples_per_pass": examples,
+    return duals, {"passes": int(passes), "passes_run": len(pass_seconds) - 1,
+                   "batches": num_batches, "examples_per_pass": examples,
                    "dual_value": float(best_value), "newton_steps": newton_steps,
                    "shrinks": shrinks, "line_search_failures": failures,
                    "pass_seconds": np.diff(pass_seconds).tolist()}
