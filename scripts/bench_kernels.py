@@ -4,6 +4,8 @@
     .venv/bin/python scripts/bench_kernels.py --big      # adds N=8192, H=1024, V=65536 (naive:
                                                          #   ~8 GB and ~1.5 min per repeat)
     .venv/bin/python scripts/bench_kernels.py --quick    # tiny shapes, checks the script runs
+    .venv/bin/python scripts/bench_kernels.py --repeats 5  # more timed repeats per case
+    .venv/bin/python scripts/bench_kernels.py --threads 1  # one torch thread per worker
 
 Every (case, implementation) runs forward + backward in a fresh subprocess, so allocator
 caches and earlier peaks of one measurement cannot leak into another. Memory is measured as
@@ -121,7 +123,8 @@ def _build(spec, impl, device):
     else:
         def run():
             return contrastive_loss(image, text, kind=spec["kind"], logit_scale=scale,
-                                    logit_bias=bias if sigmoid else None, impl=impl)
+                                    logit_bias=bias if sigmoid else None, impl=impl,
+                                    block_size=spec.get("block_size"))
     return run, leaves
 
 
@@ -129,6 +132,8 @@ def worker(spec: dict, impl: str) -> dict:
     import torch
 
     device = "cuda" if impl == "triton" else "cpu"
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     # Warm up at a tiny shape first, so one-off library state (thread pools, BLAS scratch,
     # autograd engine) is not counted as the loss's memory.
     tiny = {**spec, **{k: 64 for k in ("n", "h", "v", "b", "d") if k in spec}}
@@ -182,6 +187,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--big", action="store_true", help="add N=8192, H=1024, V=65536")
     parser.add_argument("--quick", action="store_true", help="tiny shapes only")
+    parser.add_argument("--repeats", type=int, help="timed repeats per case (default: per case, 3)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads in every worker (default: torch's own choice); 1 "
+                             "avoids OpenMP barrier waits that dominate on a loaded machine")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,8 +204,17 @@ def main() -> None:
     cases = dict(QUICK_CASES) if args.quick else {**FLCE_CASES, **CONTRASTIVE_CASES}
     if args.big:
         cases.update(BIG_CASES)
+    if args.repeats is not None:
+        if args.repeats < 1:
+            parser.error(f"--repeats must be >= 1, got {args.repeats}")
+        cases = {name: {**spec, "repeats": args.repeats} for name, spec in cases.items()}
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        cases = {name: {**spec, "threads": args.threads} for name, spec in cases.items()}
     impls = ["naive", "chunked"] + (["triton"] if cuda else [])
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()},"
+    threads = args.threads or torch.get_num_threads()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {threads},"
           f" CUDA: {'yes' if cuda else 'no (GPU goals unmeasured)'}", flush=True)
     rows = []
     for name, spec in cases.items():
