@@ -121,6 +121,34 @@ def collect(root: Path) -> pd.DataFrame:
     return frame[RUN_COLUMNS + SOURCE_COLUMNS + sorted(extra)]
 
 
+def group_means(frame: pd.DataFrame, groups: dict[str, list[str]], value: str = "source_val_loss") -> pd.DataFrame:
+    """Per completed run, the unweighted mean of `value` over each group's sources.
+
+    One row per run (index: run; columns: the run's `override.*` parameters, `mixture`, then
+    one column per group). Every source counts once, whatever its size, so a group's mean
+    is the macro average a per-language comparison needs (e.g. high- vs low-resource).
+
+    Raises:
+        ValueError: no completed run, an empty group, or a source no completed run has.
+    """
+    completed = frame[frame["status"] == "completed"]
+    if completed.empty:
+        raise ValueError("no completed run to average")
+    known = set(completed["source"].dropna())
+    for name, sources in groups.items():
+        if not sources:
+            raise ValueError(f"group {name!r} has no sources")
+        unknown = sorted(set(sources) - known)
+        if unknown:
+            raise ValueError(f"group {name!r}: source(s) {unknown} not in the sweep; known: {sorted(known)}")
+    params = [c for c in completed.columns if c.startswith("override.")] + ["mixture"]
+    table = completed.groupby("run")[params].first()
+    for name, sources in groups.items():
+        rows = completed[completed["source"].isin(sources)]
+        table[name] = rows.groupby("run")[value].mean()
+    return table
+
+
 def summarize(frame: pd.DataFrame) -> str:
     runs = frame.drop_duplicates("run")
     counts = runs["status"].value_counts().to_dict()

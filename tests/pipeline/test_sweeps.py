@@ -10,6 +10,7 @@ loss is driven mostly by the number of steps there, so the two runs of equal ste
 almost equal losses and a power law in the source's tokens is a loose description.
 """
 
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -19,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 from scipy.optimize import minimize_scalar
 
+from pipeline.mixing.config import build_stage
 from pipeline.scaling import PowerLaw, objective
 from pipeline.scaling.fit import DEFAULT_DELTA, huber
-from pipeline.sweeps import collect, summarize
+from pipeline.sweeps import collect, group_means, summarize
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,6 +84,48 @@ def test_collects_one_row_per_run_and_source(multirun, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "4 run(s): 4 completed" in result.stdout
     assert len(pd.read_csv(out)) == len(pd.read_parquet(out.with_suffix(".parquet"))) == 4 * 37
+
+
+def test_group_means_per_run(multirun, tmp_path):
+    frame = collect(multirun)
+    sizes = frame.drop_duplicates("source").set_index("source")["documents_train"].sort_values()
+    low, high = list(sizes.index[:3]), list(sizes.index[-3:])
+    table = group_means(frame, {"high": high, "low": low})
+    assert list(table.index) == ["0", "1", "2", "3"]
+    for run, row in table.iterrows():
+        rows = frame[frame["run"] == run].set_index("source")["source_val_loss"]
+        assert row["high"] == pytest.approx(rows[high].mean())
+        assert row["low"] == pytest.approx(rows[low].mean())
+    assert set(table["override.mixture"]) == {"proportional", "cooldown"}
+    with pytest.raises(
+        ValueError, match=r"group 'low': source\(s\) \['klingon'\] not in the sweep"
+    ):
+        group_means(frame, {"low": ["klingon", *low]})
+
+    out = tmp_path / "sweep.csv"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/collect_sweep.py",
+            str(multirun),
+            "--out",
+            str(out),
+            "--group",
+            f"high={','.join(high)}",
+            "--group",
+            f"low={','.join(low)}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "mean source_val_loss per group" in result.stdout
+    written = pd.read_csv(out.with_name("sweep_groups.csv"), index_col="run")
+    np.testing.assert_allclose(
+        written[["high", "low"]].to_numpy(), table[["high", "low"]].to_numpy()
+    )
 
 
 def _fit_script():
@@ -220,3 +265,57 @@ def test_missing_directory_is_a_clear_error(tmp_path):
         timeout=60,
     )
     assert result.returncode == 2 and "no run directories" in result.stderr
+
+
+def _compose_with_hydra(overrides):
+    from hydra import compose, initialize_config_dir
+
+    import pipeline.mixing.config  # noqa: F401  (registers the ${mul:...} resolver)
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml")))
+def test_every_job_of_every_sweep_preset_composes(preset):
+    """Each preset is a multirun whose every job is a valid config (no misspelt key or option)."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = _compose_with_hydra([f"+sweep={preset}"])
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    params = dict(cfg.hydra.sweeper.params)
+    assert params, preset
+    parser = OverridesParser.create()
+    axes = []
+    for key, spec in params.items():
+        override = parser.parse_override(f"{key}={spec}")
+        values = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.get_value_element_as_str()]
+        )
+        axes.append([f"{key}={value}" for value in values])
+    jobs = list(itertools.product(*axes))
+    assert len(jobs) == np.prod([len(a) for a in axes]) >= 2
+    for job in jobs:
+        job_cfg = _compose_with_hydra([f"+sweep={preset}", *job])
+        build_stage(job_cfg.mixture)  # a misspelt stage argument fails here (TypeError)
+        for override in job:
+            key, _, value = override.partition("=")
+            selected = OmegaConf.select(job_cfg, key)
+            if key in ("mixture", "model"):  # a config group: its file was loaded
+                continue
+            assert str(selected) == value or float(selected) == float(value), (preset, override)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "target"), [("slurm", "SlurmLauncher"), ("local_submitit", "LocalLauncher")]
+)
+def test_submitit_launcher_configs_compose_and_import(launcher, target):
+    cfg = _compose_with_hydra(["+sweep=temperature", f"hydra/launcher={launcher}"])
+    assert cfg.hydra.launcher._target_.endswith(target)
+    module, _, name = cfg.hydra.launcher._target_.rpartition(".")
+    assert hasattr(importlib.import_module(module), name)
+    assert cfg.hydra.launcher.timeout_min > 0
