@@ -14,7 +14,7 @@ Data: the 245 Chinchilla points (../shared/data/scaling, D = C / (6 N)) when pre
 * RegMix (when present): a data mixing law per Pile target fitted on 512 train mixtures,
   Spearman rank correlation of predicted vs observed loss on the 256 test mixtures.
 
-    .venv/bin/python scripts/bench_scaling.py                 # full run (~1 min on 2 cores)
+    .venv/bin/python scripts/bench_scaling.py                 # full run (196 s CPU; minutes)
     .venv/bin/python scripts/bench_scaling.py --quick --json /tmp/bench_scaling.json
 """
 
