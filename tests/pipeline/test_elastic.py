@@ -70,24 +70,25 @@ def train_torchrun(out: Path, cache: str, nodes: int, per_node: int, *overrides:
                 "--nproc-per-node", str(per_node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
     args = ["-m", "pipeline.train", *RUN, f"cache_dir={cache}", f"output_dir={out}",
             f"trainer.num_nodes={nodes}", f"trainer.devices={per_node}", *overrides]
-    processes, logs = [], []
-    for node in range(nodes):
-        log = out.parent / f"{out.name}.node{node}.log"
-        logs.append(log)
-        stream = open(log, "w")  # noqa: SIM115  (closed with the process)
-        processes.append(subprocess.Popen([*torchrun, "--node-rank", str(node), *args], cwd=REPO,
-                                          env=_env(), stdout=stream, stderr=subprocess.STDOUT))
+    processes, logs, streams = [], [], []
     try:
+        for node in range(nodes):
+            logs.append(out.parent / f"{out.name}.node{node}.log")
+            streams.append(open(logs[-1], "w"))  # noqa: SIM115  (closed below)
+            processes.append(subprocess.Popen([*torchrun, "--node-rank", str(node), *args], cwd=REPO,
+                                              env=_env(), stdout=streams[-1], stderr=subprocess.STDOUT))
         _check(processes, logs)
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
+        for stream in streams:
+            stream.close()
     return out
 
 
 def step_losses(run: Path) -> dict[int, float]:
-    rows = list(csv.DictReader(open(next((run / "csv").glob("version_*/metrics.csv")))))
+    rows = list(csv.DictReader(next((run / "csv").glob("version_*/metrics.csv")).read_text().splitlines()))
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
