@@ -320,3 +320,34 @@ def reshard_zero12_checkpoint(source: str | Path, target: str | Path, world_size
         shutil.rmtree(target)
     os.replace(staging, target)
     return target
+
+
+class AlignBatchProgress(Callback):
+    """Re-express Lightning's restored micro-batch counters in this run's accumulation.
+
+    Lightning counts *micro-batches*: it steps the optimizer when the epoch's batch count
+    is a multiple of `accumulate_grad_batches` and validates every `val_check_batch` of
+    them. A checkpoint stores those counts in the accumulation of the run that wrote it.
+    Resumed at another world size or micro-batch size (same global batch), the counts are
+    in the wrong unit: optimizer steps then straddle two global batches (e.g. 3 steps x 2
+    micro-batches = 6 restored, new accumulation 4: the next step is taken after 2) and the
+    final validation is skipped. The sampler's position is the optimizer step, so the right
+    counts follow from `global_step` alone; the shift keeps Lightning's restart offsets
+    (a checkpoint written in `on_train_batch_end` has completed = ready - 1).
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Runs after the loops' state is restored and before the epoch loop's restart reset.
+        accumulation = trainer.accumulate_grad_batches
+        batches_per_pass = trainer.num_training_batches
+        if batches_per_pass == float("inf") or trainer.global_step == 0:
+            return
+        steps_per_pass = int(batches_per_pass) // accumulation
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        in_pass = trainer.global_step - trainer.current_epoch * steps_per_pass
+        for tracker, target in ((progress.current, in_pass * accumulation),
+                                (progress.total, trainer.global_step * accumulation)):
+            shift = target - tracker.ready
+            if shift:
+                for field in ("ready", "started", "processed", "completed"):
+                    setattr(tracker, field, getattr(tracker, field) + shift)

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpointing import AtomicModelCheckpoint
-from pipeline.elastic import ConsumedExamplesLog, RankAgreement
+from pipeline.elastic import AlignBatchProgress, ConsumedExamplesLog, RankAgreement
 from pipeline.metrics import source_key
 
 # Keys that say where a run lives, not what it computes: left out of the digest.
@@ -84,6 +84,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, identity: dict[str, Any] 
     if cfg.get("logger") and cfg.logger.get("_target_"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     callbacks.append(RankAgreement(config_digest(cfg), identity))
+    callbacks.append(AlignBatchProgress())
     if cfg.get("record_consumed"):
         callbacks.append(ConsumedExamplesLog(output_dir / "consumed"))
     return callbacks

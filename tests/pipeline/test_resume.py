@@ -103,6 +103,23 @@ def test_resumed_run_repeats_the_uninterrupted_run_exactly(full_run, compose_con
     assert sum(s["samples_seen"] for s in second["sources"].values()) == 8 * 2 * HALF
 
 
+
+def test_resume_with_another_accumulation_keeps_steps_on_global_batches(full_run, compose_config, demo_data,
+                                                                        tmp_path):
+    """Accumulation 2 -> 4 at the resume (as W=2 -> W=1 does): Lightning's restored micro-batch
+    counts are re-expressed in the new unit, so every optimizer step still consumes exactly one
+    global batch and the final validation runs. Without that, 3 steps x 2 restored micro-batches
+    put the next optimizer step after 2 of 4 micro-batches (a step straddling two batches)."""
+    out = tmp_path / "accumulation"
+    _run(compose_config, demo_data, out, f"+trainer.max_steps={HALF}")
+    second = _run(compose_config, demo_data, out, "ckpt_path=last", "loader.micro_batch_size=2")
+    assert second["global_steps"] == 2 * HALF and second["status"] == "completed"
+    assert sum(s["samples_seen"] for s in second["sources"].values()) == 8 * 2 * HALF
+    assert second["metrics"]["val/loss"] == second["metrics"]["val/loss"]  # validated at the end (not NaN)
+    # Same global batches; only the micro-batch split (summation order) differs.
+    torch.testing.assert_close(torch.tensor(_losses(out, 0) + _losses(out, 1)), torch.tensor(_losses(full_run)),
+                               rtol=1e-5, atol=0)
+
 def test_golden_losses(full_run, demo_data):
     """Per-step losses of the 2N-step demo run against the stored golden values.
 
