@@ -62,20 +62,34 @@ def permute(positions: np.ndarray, n: int | np.ndarray, keys: np.ndarray | np.ui
     exact = (np.int64(1) << bit_length) >= sizes  # guard float rounding of log2
     bit_length = np.where(exact, bit_length, bit_length + 1)
     half_bits = np.maximum(1, (bit_length + 1) // 2).astype(np.uint64)
-    values = positions.astype(np.uint64)
-    limit = sizes.astype(np.uint64)
-    pending = sizes > 1
-    while pending.any():
-        values[pending] = _feistel(values[pending], keys[pending], half_bits[pending])
-        pending &= values >= limit
-    return np.where(sizes > 1, values.astype(np.int64), 0)
+    out = np.zeros(positions.shape, dtype=np.int64)  # n = 1 maps 0 -> 0
+    # Cycle-walk only the elements still outside [0, n), compacted after every walk: the
+    # slowest element of a batch decides the number of walks (~10 for small batches), and
+    # round keys are mixed once per call, not once per walk.
+    (index,) = np.nonzero(sizes > 1)
+    values, limit, half_bits = positions[index].astype(np.uint64), sizes[index].astype(np.uint64), half_bits[index]
+    round_keys = np.stack(_round_keys(keys[index]))
+    while index.size:
+        values = _feistel(values, round_keys, half_bits)
+        outside = values >= limit
+        done = ~outside
+        out[index[done]] = values[done].astype(np.int64)
+        index, values, limit, half_bits = index[outside], values[outside], limit[outside], half_bits[outside]
+        round_keys = round_keys[:, outside]
+    return out
 
 
-def _feistel(values: np.ndarray, keys: np.ndarray, half_bits: np.ndarray) -> np.ndarray:
-    """One pass of a balanced Feistel network on [0, 2^(2*half_bits)), elementwise."""
+def _round_keys(keys: np.ndarray) -> list[np.ndarray]:
+    return [mix64(keys ^ np.uint64(round_index * 0x632BE59BD9B4E019 & 0xFFFFFFFFFFFFFFFF))
+            for round_index in range(_ROUNDS)]
+
+
+def _feistel(values: np.ndarray, round_keys: np.ndarray, half_bits: np.ndarray) -> np.ndarray:
+    """One pass of a balanced Feistel network on [0, 2^(2*half_bits)), elementwise.
+
+    round_keys: (_ROUNDS, K) uint64, from `_round_keys`."""
     mask = (np.uint64(1) << half_bits) - np.uint64(1)
     left, right = values >> half_bits, values & mask
     for round_index in range(_ROUNDS):
-        round_keys = mix64(keys ^ np.uint64(round_index * 0x632BE59BD9B4E019 & 0xFFFFFFFFFFFFFFFF))
-        left, right = right, left ^ (mix64(right ^ round_keys) & mask)
+        left, right = right, left ^ (mix64(right ^ round_keys[round_index]) & mask)
     return (left << half_bits) | right
