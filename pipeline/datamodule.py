@@ -127,7 +127,7 @@ class MixtureDataModule(LightningDataModule):
         """This rank's validation micro-batches: every source's held-out rows, sharded by
         rank and padded so every rank runs the same number of forward passes (ZeRO-3
         gathers parameters collectively in forward)."""
-        items = [(s, j, VALIDATION_STEP) for s, name in enumerate(self.sources) for j in range(self.split.val[name])]
+        items = self.validation_items()
         if not items:
             return []
         per_rank = -(-len(items) // world_size)
@@ -135,6 +135,10 @@ class MixtureDataModule(LightningDataModule):
         mine = items[rank::world_size]
         size = self.micro_batch_size
         return [mine[i:i + size] for i in range(0, len(mine), size)]
+
+    def validation_items(self) -> list[tuple[int, int, int]]:
+        """Every (source id, held-out index, VALIDATION_STEP) of one validation pass."""
+        return [(s, j, VALIDATION_STEP) for s, name in enumerate(self.sources) for j in range(self.split.val[name])]
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._world()

@@ -128,6 +128,19 @@ class MixtureDataset(Dataset):
         return out
 
 
+def plan_loss_weight(example: dict[str, Any], loss_weights, cache: dict[int, Any]) -> float:
+    """The plan's loss weight of the example's source at its step: 0 for padding rows, 1 for
+    validation rows. `loss_weights`: step -> (S,) weights, memoised per step in `cache`."""
+    step = example["step"]
+    if step == PADDING_STEP:
+        return 0.0
+    if step == VALIDATION_STEP:
+        return 1.0
+    if step not in cache:
+        cache[step] = loss_weights(step)
+    return float(cache[step][example["source_id"]])
+
+
 class MixtureCollator:
     """Pads (or packs) examples into tensors and attaches per-token loss weights.
 
@@ -139,14 +152,7 @@ class MixtureCollator:
         self.loss_weights, self.pad_id, self.max_length, self.pack = loss_weights, pad_id, max_length, pack
 
     def _weight(self, example: dict[str, Any], cache: dict[int, Any]) -> float:
-        step = example["step"]
-        if step == PADDING_STEP:
-            return 0.0
-        if step == VALIDATION_STEP:
-            return 1.0
-        if step not in cache:
-            cache[step] = self.loss_weights(step)
-        return float(cache[step][example["source_id"]])
+        return plan_loss_weight(example, self.loss_weights, cache)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         cache: dict[int, Any] = {}

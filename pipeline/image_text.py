@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from pipeline.datamodule import MixtureDataModule, build_split, select_sources
-from pipeline.examples import PADDING_STEP, VALIDATION_STEP
+from pipeline.examples import VALIDATION_STEP, plan_loss_weight
 from pipeline.row_reader import RowReader
 from pipeline.split import SourceSplit
 
@@ -194,14 +194,7 @@ class ImageTextCollator:
         self.loss_weights, self.pad_id, self.image_size = loss_weights, pad_id, tuple(image_size)
 
     def _weight(self, example: dict[str, Any], cache: dict[int, Any]) -> float:
-        step = example["step"]
-        if step == PADDING_STEP:
-            return 0.0
-        if step == VALIDATION_STEP:
-            return 1.0
-        if step not in cache:
-            cache[step] = self.loss_weights(step)
-        return float(cache[step][example["source_id"]]) * example["example_weight"]
+        return plan_loss_weight(example, self.loss_weights, cache) * example["example_weight"]
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         cache: dict[int, Any] = {}
@@ -248,25 +241,13 @@ class ImageTextDataModule(MixtureDataModule):
                                          tokenizer.pad_id, size)
         self.val_collate = ImageTextCollator(lambda step: None, tokenizer.pad_id, size)
 
-    def val_items(self, rank: int = 0, world_size: int = 1) -> list[list[tuple[int, int, int]]]:
-        """Held-out rows of the training sources, then every reference row; sharded by rank
-        and padded so every rank runs the same number of forward passes."""
-        items = [(s, j, VALIDATION_STEP) for s, name in enumerate(self.sources) for j in range(self.split.val[name])]
+    def validation_items(self) -> list[tuple[int, int, int]]:
+        """Held-out rows of the training sources, then every reference row (source ids
+        after the training sources'); `val_items` shards and pads them by rank."""
         offset = len(self.sources)
-        items += [(offset + r, j, VALIDATION_STEP) for r, name in enumerate(self.reference)
-                  for j in range(self.corpus.num_documents(name))]
-        if not items:
-            return []
-        per_rank = -(-len(items) // world_size)
-        items = items + [(items[0][0], items[0][1], PADDING_STEP)] * (per_rank * world_size - len(items))
-        mine = items[rank::world_size]
-        size = self.micro_batch_size
-        return [mine[i:i + size] for i in range(0, len(mine), size)]
-
-    def val_dataloader(self) -> DataLoader:
-        rank, world = self._world()
-        return DataLoader(self.val_set, batch_sampler=self.val_items(rank, world),
-                          collate_fn=self.val_collate, num_workers=self.num_workers)
+        return super().validation_items() + [
+            (offset + r, j, VALIDATION_STEP) for r, name in enumerate(self.reference)
+            for j in range(self.corpus.num_documents(name))]
 
 
 def is_image_text(cfg, corpus) -> bool:
