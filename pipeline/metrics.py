@@ -34,6 +34,11 @@ class PerSourceSum(Metric):
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sums, self.counts
 
+    def per_source(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """compute() as (S,) tensors: torchmetrics squeezes a one-source (1,) result to 0-d."""
+        sums, counts = self.compute()
+        return sums.reshape(-1), counts.reshape(-1)
+
 
 def source_key(name: str) -> str:
     """The metric suffix of a source: ``lang=swh`` (parallel sources: ``lang=deu-eng``)."""

@@ -118,9 +118,8 @@ def results_record(cfg: DictConfig, trainer, model, datamodule, status: str, wal
     """Everything sweeps and scaling fits read about a run (same on every rank)."""
     completed = status == "completed"
     # compute() synchronises across ranks: only when every rank got here normally.
-    # reshape: torchmetrics squeezes a one-source (1,) result to 0-d.
-    tokens = (model.seen_tokens.compute()[0] if completed else model.seen_tokens.sums).reshape(-1)
-    rows = (model.seen_rows.compute()[0] if completed else model.seen_rows.sums).reshape(-1)
+    tokens = (model.seen_tokens.per_source()[0] if completed else model.seen_tokens.sums).reshape(-1)
+    rows = (model.seen_rows.per_source()[0] if completed else model.seen_rows.sums).reshape(-1)
     metrics = {k: _float(v) for k, v in trainer.callback_metrics.items()}
     sampler, split = datamodule.sampler, datamodule.split
     step = trainer.global_step

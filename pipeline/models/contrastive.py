@@ -230,9 +230,8 @@ class ContrastiveModel(pl.LightningModule):
             self._log_data_metrics(step)
 
     def _log_data_metrics(self, step: int) -> None:
-        # reshape: torchmetrics squeezes a one-source (1,) result to 0-d.
-        tokens = self.seen_tokens.compute()[0].reshape(-1)
-        rows = self.seen_rows.compute()[0].reshape(-1)
+        tokens = self.seen_tokens.per_source()[0]
+        rows = self.seen_rows.per_source()[0]
         metrics = {"data/tokens_total": float(tokens.sum())}
         sampler = getattr(getattr(self.trainer, "datamodule", None), "sampler", None)
         plan = sampler.plan_at(max(0, step - 1)) if sampler is not None else None
@@ -259,7 +258,7 @@ class ContrastiveModel(pl.LightningModule):
         self.reference_pairs.update(image, text, batch["attributes"], batch["labels"], reference)
 
     def on_validation_epoch_end(self) -> None:
-        sums, counts = (t.reshape(-1) for t in self.val_loss.compute())
+        sums, counts = self.val_loss.per_source()
         self.val_loss.reset()
         metrics: dict[str, Any] = {}
         for i, name in enumerate(self.sources):

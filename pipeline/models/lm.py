@@ -121,7 +121,7 @@ class LanguageModel(pl.LightningModule):
         # Tokens and rows seen per source are metric states, not in the state dict: store
         # their all-rank totals (compute() syncs; every rank runs this hook) so a resumed
         # run's results.json still counts the whole run.
-        checkpoint[SEEN_KEY] = {name: [t.detach().cpu() for t in getattr(self, name).compute()]
+        checkpoint[SEEN_KEY] = {name: [t.detach().cpu() for t in getattr(self, name).per_source()]
                                 for name in ("seen_tokens", "seen_rows")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -226,8 +226,8 @@ class LanguageModel(pl.LightningModule):
         return step % every == 0 or step == self.trainer.max_steps
 
     def _log_data_metrics(self, step: int) -> None:
-        tokens, _ = self.seen_tokens.compute()
-        rows, _ = self.seen_rows.compute()
+        tokens, _ = self.seen_tokens.per_source()
+        rows, _ = self.seen_rows.per_source()
         metrics = {"data/tokens_total": float(tokens.sum())}
         sampler = getattr(getattr(self.trainer, "datamodule", None), "sampler", None)
         plan = sampler.plan_at(max(0, step - 1)) if sampler is not None else None
@@ -257,7 +257,7 @@ class LanguageModel(pl.LightningModule):
             self._translate_and_score(batch)
 
     def on_validation_epoch_end(self) -> None:
-        sums, counts = self.val_loss.compute()
+        sums, counts = self.val_loss.per_source()
         self.val_loss.reset()
         metrics: dict[str, Any] = {}
         per_source = []
