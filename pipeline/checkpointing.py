@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -23,6 +22,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from pipeline.atomic import atomic_write, atomic_write_json
 from pipeline.strategies import is_sharded
 
 
@@ -30,19 +30,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            _permissions_as_open(handle)
-            with os.fdopen(handle, "wb") as stream:
-                torch.save(checkpoint, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda stream: torch.save(checkpoint, stream), binary=True, suffix=_STAGING_SUFFIX)
 
 
 # -- periodic checkpoints and the "last complete checkpoint" pointer ---------------------------
@@ -58,20 +46,8 @@ class CheckpointError(ValueError):
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Temp file in the same directory, fsync, `os.replace`: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_STAGING_SUFFIX, dir=path.parent)
-    try:
-        _permissions_as_open(handle)
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2, sort_keys=True, default=str)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Indented, sorted JSON published atomically (pointer and identity files)."""
+    atomic_write_json(path, payload, suffix=_STAGING_SUFFIX, indent=2, sort_keys=True, default=str)
 
 
 def write_last_pointer(checkpoints_dir: Path, checkpoint: Path, global_step: int,
@@ -246,13 +222,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-def _permissions_as_open(handle: int) -> None:
-    """mkstemp creates 0600 files; give the mode a plain `open` would (0666 minus umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(handle, 0o666 & ~umask)
 
 
 def _fsync_directory(directory: Path) -> None:

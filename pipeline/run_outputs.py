@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.atomic import atomic_write_json
 from pipeline.checkpointing import AtomicModelCheckpoint
 from pipeline.elastic import AlignBatchProgress, ConsumedExamplesLog, RankAgreement
 from pipeline.metrics import source_key
@@ -163,16 +163,7 @@ def results_record(cfg: DictConfig, trainer, model, datamodule, status: str, wal
 
 def write_results(path: Path, record: dict[str, Any]) -> None:
     """Atomic JSON write (temp file + rename): readers never see half a results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(record, stream, indent=2, sort_keys=True, default=str, allow_nan=True)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, record, indent=2, sort_keys=True, default=str, allow_nan=True)
 
 
 def format_results_table(record: dict[str, Any]) -> str:

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from data_recipes.base import (
     columns_for,
     validate_source_name,
 )
+from pipeline.atomic import atomic_write_json, discard_dir, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +55,9 @@ def content_hash(fingerprint: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=2, sort_keys=True, ensure_ascii=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Canonical (sorted, indented, UTF-8) JSON, published atomically."""
+    atomic_write_json(path, obj, prefix=TMP_PREFIX + Path(path).name, suffix="", indent=2, sort_keys=True,
+                      ensure_ascii=False)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -520,13 +510,7 @@ def prepare_sources(recipe: Recipe, cache_dir: str | Path, progress: bool = True
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
     try:
         _build(recipe, fingerprint, digest, tmp, progress)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished the same corpus first: keep theirs if it is valid.
-            if not target.exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_dir(tmp, target)  # another process may have finished the same corpus first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -536,6 +520,4 @@ def prepare_sources(recipe: Recipe, cache_dir: str | Path, progress: bool = True
 
 def _discard(path: Path) -> None:
     """Move an invalid directory out of the way atomically, then delete it."""
-    trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}trash-", dir=path.parent))
-    os.rename(path, trash / path.name)
-    shutil.rmtree(trash, ignore_errors=True)
+    discard_dir(path, TMP_PREFIX)

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import io
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.atomic import discard_dir, publish_dir
 from pipeline.sources import TMP_PREFIX, PreparedCorpus, canonical_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -356,9 +356,7 @@ def train_tokenizer(
             )
         except ValueError as err:
             log.warning("tokenizer at %s is invalid (%s); retraining", target, err)
-        trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}trash-", dir=root))
-        os.rename(target, trash / target.name)
-        shutil.rmtree(trash, ignore_errors=True)
+        discard_dir(target, TMP_PREFIX)
     languages = corpus.languages()
     start = time.perf_counter()
     sentences = sample_sentences(corpus, config)
@@ -380,12 +378,7 @@ def train_tokenizer(
                 "format_version": TOKENIZER_FORMAT_VERSION,
             },
         )
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_dir(tmp, target)  # another process may have trained the same tokenizer first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,20 +13,13 @@ status; failed or unfinished runs are listed, not fatal.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.sweeps import collect, group_means, summarize  # noqa: E402
-
-
-def write_atomic(path: Path, write) -> None:
-    """`write(tmp_path)`, then rename over `path`: readers never see a half-written table."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def parse_group(text: str) -> tuple[str, list[str]]:
@@ -66,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or args.sweep_dir / "sweep.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, lambda p: frame.to_csv(p, index=False))
-    write_atomic(out.with_suffix(".parquet"), lambda p: frame.to_parquet(p, index=False))
+    atomic_write(out, lambda stream: frame.to_csv(stream, index=False))
+    atomic_write(out.with_suffix(".parquet"), lambda stream: frame.to_parquet(stream, index=False), binary=True)
     print(summarize(frame))
     print(f"wrote {out} and {out.with_suffix('.parquet')} ({len(frame)} rows)")
     if table is not None:
         group_path = out.with_name(f"{out.stem}_groups.csv")
-        write_atomic(group_path, table.to_csv)
+        atomic_write(group_path, table.to_csv)
         print("\nmean source_val_loss per group (every source counts once):")
         # Print the parameters that vary across runs (the CSV keeps them all).
         varying = [c for c in table.columns if c.startswith("override.") and table[c].nunique() > 1]

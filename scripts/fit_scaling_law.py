@@ -27,9 +27,7 @@ exits with status 2 and a message naming the column and value.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -40,6 +38,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from pipeline.atomic import atomic_write_json  # noqa: E402
 from pipeline.scaling import (  # noqa: E402
     LAWS,
     bootstrap,
@@ -170,9 +169,7 @@ def select_rows(df, conditions: list[str]):
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2, default=float)
 
 
 def main(argv=None) -> int:

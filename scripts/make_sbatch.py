@@ -13,11 +13,9 @@ the script goes to stdout (and to --output).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +26,7 @@ from hydra.errors import HydraException  # noqa: E402
 
 import pipeline.config_schema  # noqa: E402,F401  (registers base_config)
 import pipeline.mixing.config  # noqa: E402,F401  (registers the ${mul:...} resolver)
+from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.launch import is_launch_override, sbatch_script  # noqa: E402
 from pipeline.run_outputs import config_digest  # noqa: E402
 
@@ -40,12 +39,7 @@ def compose_with_launch(overrides: list[str]):
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.chmod(temporary, 0o755)
-    os.replace(temporary, path)
+    atomic_write(path, lambda stream: stream.write(text), mode=0o755)  # an executable script
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,7 +76,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -85,6 +84,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_write
 from pipeline.mixing.base import MixingStage
 from pipeline.mixing.m4_report import (
     M4Statistics,
@@ -858,12 +858,8 @@ def examples_from_columns(table, attribute_columns: Sequence[str], label_columns
 
 def save_keep_probabilities(path: str | os.PathLike, keep: Mapping[str, np.ndarray]) -> None:
     """Write {source: q} to an .npz file atomically (for `M4(keep=path)` in a config)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
-        np.savez(handle, **{name: np.asarray(q, dtype=np.float64) for name, q in keep.items()})
-        tmp = handle.name
-    os.replace(tmp, path)
+    arrays = {name: np.asarray(q, dtype=np.float64) for name, q in keep.items()}
+    atomic_write(path, lambda stream: np.savez(stream, **arrays), binary=True, suffix=".npz")
 
 
 def load_keep_probabilities(path: str | os.PathLike) -> dict[str, np.ndarray]:
