@@ -43,7 +43,7 @@ from pipeline.metrics_retrieval import (
     zero_shot_probs,
 )
 from pipeline.models.image_tower import ImageTowerConfig, build_image_tower
-from pipeline.models.lm import SCHEDULES, lr_factor
+from pipeline.models.optim import adamw_with_schedule, check_schedule
 from pipeline.models.transformer import DecoderOnlyTransformer, TransformerConfig
 
 OBJECTIVES = ("softmax", "sigmoid")
@@ -136,8 +136,7 @@ class ContrastiveModel(pl.LightningModule):
         self.save_hyperparameters()
         if objective not in OBJECTIVES:
             raise ValueError(f"model.objective must be one of {OBJECTIVES}, got {objective!r}")
-        if schedule.get("name", "cosine") not in SCHEDULES:
-            raise ValueError(f"model.schedule.name must be one of {SCHEDULES}, got {schedule.get('name')!r}")
+        check_schedule(schedule)
         if init_logit_scale <= 0:
             raise ValueError(f"model.init_logit_scale must be > 0, got {init_logit_scale}")
         self.sources = list(sources)
@@ -160,20 +159,8 @@ class ContrastiveModel(pl.LightningModule):
 
     # -- setup -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        opt_cfg, sched = self.hparams.optimizer, self.hparams.schedule
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": opt_cfg.get("weight_decay", 0.0)},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=opt_cfg["lr"], betas=tuple(opt_cfg.get("betas", (0.9, 0.98))),
-        )
-        total, warmup = self.hparams.total_steps, sched.get("warmup_steps", 0)
-        name, floor = sched.get("name", "cosine"), sched.get("min_lr_ratio", 0.1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, warmup, total, name, floor))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(self, self.hparams.optimizer, self.hparams.schedule, self.hparams.total_steps,
+                                   default_betas=(0.9, 0.98))
 
     def _group(self):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

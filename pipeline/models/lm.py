@@ -25,21 +25,10 @@ from torchmetrics.text import CHRFScore
 from pipeline.examples import IGNORE_INDEX
 from pipeline.losses import LossConfig, TokenLossHead
 from pipeline.metrics import PerSourceSum, source_key
+from pipeline.models.optim import adamw_with_schedule, check_schedule
 from pipeline.models.transformer import DecoderOnlyTransformer, TransformerConfig
 
-SCHEDULES = ("cosine", "linear", "constant")
 SEEN_KEY = "mixpipe_seen"  # checkpoint entry: per-source totals of tokens and rows trained on
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warmup, then cosine / linear decay to min_ratio."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return min_ratio + (1 - min_ratio) * shape
 
 
 def _replace_sampler_states(node: Any, fresh: dict) -> None:
@@ -75,8 +64,7 @@ class LanguageModel(pl.LightningModule):
         self.sources = list(sources)
         self.model = DecoderOnlyTransformer(TransformerConfig(vocab_size=vocab_size, **transformer))
         self.loss_head = TokenLossHead(LossConfig(**loss))
-        if schedule.get("name", "cosine") not in SCHEDULES:
-            raise ValueError(f"model.schedule.name must be one of {SCHEDULES}, got {schedule.get('name')!r}")
+        check_schedule(schedule)
         num = len(self.sources)
         self.val_loss = PerSourceSum(num)
         self.seen_tokens = PerSourceSum(num)
@@ -103,19 +91,8 @@ class LanguageModel(pl.LightningModule):
             register_external_parameter(self.loss_head, self.model.embed.weight)
 
     def configure_optimizers(self):
-        opt_cfg, sched = self.hparams.optimizer, self.hparams.schedule
-        decay = [p for p in self.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": opt_cfg.get("weight_decay", 0.0)},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=opt_cfg["lr"], betas=tuple(opt_cfg.get("betas", (0.9, 0.95))),
-        )
-        total, warmup = self.hparams.total_steps, sched.get("warmup_steps", 0)
-        name, floor = sched.get("name", "cosine"), sched.get("min_lr_ratio", 0.1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, warmup, total, name, floor))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(self, self.hparams.optimizer, self.hparams.schedule, self.hparams.total_steps,
+                                   default_betas=(0.9, 0.95))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Tokens and rows seen per source are metric states, not in the state dict: store
