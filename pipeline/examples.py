@@ -88,15 +88,28 @@ class MixtureDataset(Dataset):
         return examples  # type: ignore[return-value]
 
     def __getitems__(self, items) -> list[dict[str, Any]]:
-        examples = self.build(items)
+        examples = self._take_built(items) or self.build(items)
         step_items = getattr(items, "step_items", None)
         if step_items is not None and examples:
-            # First micro-batch of a step: count the targets of the rank's whole step.
-            others = self.build(step_items[len(items):])
+            # First micro-batch of a step: count the targets of the rank's whole step. The
+            # step's later micro-batches are built here anyway, so keep them for their turn
+            # (in this process; another dataloader worker builds its own).
+            rest = list(step_items[len(items):])
+            others = self.build(rest)
+            self._built = (rest, others)
             examples[0]["step_target_tokens"] = sum(
                 num_targets(e, self.max_length) for e in examples + others if e["step"] != PADDING_STEP
             )
         return examples
+
+    def _take_built(self, items) -> list[dict[str, Any]] | None:
+        """The examples built for `items` by the step's first micro-batch, if they are next."""
+        rest, others = getattr(self, "_built", ((), ()))
+        count = len(items)
+        if not count or [tuple(item) for item in rest[:count]] != [tuple(item) for item in items]:
+            return None
+        self._built = (rest[count:], others[count:])
+        return others[:count]
 
     def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
         return self.build([item])[0]
