@@ -138,6 +138,18 @@ def require_dir(path: str | Path, what: str = "data directory") -> Path:
     return path
 
 
+def requested_language_files(root: Path, languages: list[str], file_name) -> list[tuple[str, Path]]:
+    """[(language, root / file_name(language))] for requested languages; a missing file is an
+    error naming the language and the path."""
+    out = []
+    for lang in languages:
+        path = root / file_name(lang)
+        if not path.is_file():
+            raise ValueError(f"language {lang!r} requested but source file {str(path)!r} is missing")
+        out.append((lang, path))
+    return out
+
+
 def require_file(path: str | Path, what: str = "source file") -> Path:
     """Return ``path`` as a Path, or raise ValueError if it is missing or empty."""
     path = Path(path)

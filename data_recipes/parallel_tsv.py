@@ -19,6 +19,7 @@ from data_recipes.base import (
     guess_script,
     normalize_languages,
     require_dir,
+    requested_language_files,
     require_file,
     sha256_file,
 )
@@ -101,15 +102,7 @@ class ParallelTSV:
             if not out:
                 raise ValueError(f"data directory {str(root)!r} has no *-{self.tgt_lang}.tsv files")
             return out
-        out = []
-        for lang in self.languages:
-            path = root / f"{lang}-{self.tgt_lang}.tsv"
-            if not path.is_file():
-                raise ValueError(
-                    f"language {lang!r} requested but source file {str(path)!r} is missing"
-                )
-            out.append((lang, path))
-        return out
+        return requested_language_files(root, self.languages, lambda lang: f"{lang}-{self.tgt_lang}.tsv")
 
     def fingerprint(self) -> dict[str, Any]:
         return {

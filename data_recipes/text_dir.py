@@ -17,6 +17,7 @@ from data_recipes.base import (
     normalize_languages,
     read_lines,
     require_dir,
+    requested_language_files,
     sha256_file,
     validate_source_name,
 )
@@ -56,14 +57,7 @@ class TextDir:
                 raise ValueError(f"data directory {str(root)!r} has no *{self.suffix} files")
             out = [(p.stem, p) for p in files]
         else:
-            out = []
-            for lang in self.languages:
-                path = root / f"{lang}{self.suffix}"
-                if not path.is_file():
-                    raise ValueError(
-                        f"language {lang!r} requested but source file {str(path)!r} is missing"
-                    )
-                out.append((lang, path))
+            out = requested_language_files(root, self.languages, lambda lang: f"{lang}{self.suffix}")
         for lang, path in out:
             try:
                 validate_source_name(lang)
