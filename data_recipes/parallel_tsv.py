@@ -18,8 +18,8 @@ from data_recipes.base import (
     check_positive_int,
     guess_script,
     normalize_languages,
-    require_dir,
     requested_language_files,
+    require_dir,
     require_file,
     sha256_file,
 )

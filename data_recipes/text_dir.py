@@ -16,8 +16,8 @@ from data_recipes.base import (
     guess_script,
     normalize_languages,
     read_lines,
-    require_dir,
     requested_language_files,
+    require_dir,
     sha256_file,
     validate_source_name,
 )
