@@ -1,22 +1,35 @@
-# The README's two commands. Both build the virtual environment from scratch on a
-# fresh machine; torch is pinned to the CPU 2.13.0 wheel so pip never pulls CUDA.
-PYTHON ?= python3
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# The README's two commands. Both build the virtual environment from scratch on a fresh
+# machine, from requirements.lock only (exact versions and hashes, Python 3.11, Linux x86_64).
+# torch is the CPU wheel torch==2.13.0+cpu: taken from $(TORCH_WHEELS) when that folder exists
+# (it does on this project's machines), else from PyTorch's CPU index.
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+UV          := $(VENV)/bin/uv
+UV_VERSION  := 0.13.9
+STAMP       := $(VENV)/.installed
+LOCK        := requirements.lock
+TORCH_WHEELS ?= /opt/wheels
+TORCH_INDEX  ?= https://download.pytorch.org/whl/cpu
+PYPI_INDEX   ?= https://pypi.org/simple
+TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match)
 
 export WANDB_MODE ?= offline
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo test test-all bench lint lock clean
 
-$(STAMP): pyproject.toml Makefile
+# deepspeed ships only an sdist; building it against the venv's own torch (no isolation)
+# keeps uv from fetching a second, CUDA torch just to build it.
+$(STAMP): $(LOCK) pyproject.toml Makefile
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(UV) pip install --quiet --python $(PY) --require-hashes -r $(LOCK) \
+	    --index-url $(PYPI_INDEX) $(TORCH_SOURCE) --no-build-isolation-package deepspeed
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
 # Prepares the embedded corpus, prints the mixture plan, trains the tiny LM with Cooldown
@@ -35,6 +48,15 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Re-resolve the lock after changing dependencies in pyproject.toml (needs the registry).
+lock:
+	$(PYTHON) -m pip install --quiet uv==$(UV_VERSION)
+	echo "torch==2.13.0+cpu" > .torch-constraint.txt
+	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+	    --python-platform x86_64-manylinux_2_28 --generate-hashes --index-url $(PYPI_INDEX) \
+	    $(TORCH_SOURCE) -c .torch-constraint.txt --no-emit-find-links -o $(LOCK)
+	rm -f .torch-constraint.txt
 
 clean:
 	rm -rf $(VENV) .cache outputs multirun
