@@ -31,7 +31,7 @@ class SourcesSchema:
 
 @dataclass
 class LoaderSchema:
-    micro_batch_size: int = 64
+    micro_batch_size: Optional[int] = None  # noqa: UP045  (null: each rank's share of the global batch, no accumulation)
     max_length: int = 128
     pack: bool = False
     num_workers: int = 0
