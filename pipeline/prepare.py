@@ -144,11 +144,17 @@ def prepare(cfg: DictConfig, progress: bool | None = None) -> tuple[PreparedCorp
 
 
 import pipeline.config_schema  # noqa: E402,F401  (registers base_config for the Hydra app)
+from pipeline.config_location import CONFIG_DIR  # noqa: E402
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def _prepare_app(cfg: DictConfig) -> None:
     prepare(cfg)
+
+
+def main() -> None:
+    """`python -m pipeline.prepare [overrides]` / `mixpipe-prepare [overrides]`."""
+    _prepare_app()
 
 
 if __name__ == "__main__":

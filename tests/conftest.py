@@ -18,7 +18,7 @@ def compose(overrides=()):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import pipeline.mixing.config  # noqa: F401  (registers the ${mul:...} resolver)
+    import pipeline.config_schema  # noqa: F401  (schemas and resolvers, as every entry registers them)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))

@@ -5,22 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import pipeline.config_schema  # noqa: F401  (registers base_config before any compose)
 from pipeline.mixing.base import Compose, MixingStage
 from pipeline.sampler import MixtureSampler
 
 SIZE_UNITS = ("documents", "tokens", "characters")
-
-
-def register_resolvers() -> None:
-    """`${mul:a,b}` for budgets such as total_steps * global_batch_size."""
-    if not OmegaConf.has_resolver("mul"):
-        OmegaConf.register_new_resolver("mul", lambda a, b: int(a) * int(b))
-
-
-register_resolvers()
 
 
 def build_stage(mixture_cfg: DictConfig) -> Compose:

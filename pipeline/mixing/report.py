@@ -157,8 +157,9 @@ def main() -> None:
     import hydra
 
     import pipeline.config_schema  # noqa: F401  (registers base_config)
+    from pipeline.config_location import CONFIG_DIR
 
-    @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
+    @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
     def _run(cfg) -> None:
         _, text = report_for_config(cfg)
         log.info("\n%s", text)

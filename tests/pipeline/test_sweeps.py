@@ -129,12 +129,9 @@ def test_group_means_per_run(multirun, tmp_path):
 
 
 def _fit_script():
-    spec = importlib.util.spec_from_file_location(
-        "fit_scaling_law", REPO / "scripts" / "fit_scaling_law.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import pipeline.cli.fit_scaling_law
+
+    return pipeline.cli.fit_scaling_law
 
 
 def test_collected_sweep_is_fitted_end_to_end(multirun, tmp_path):
@@ -148,9 +145,15 @@ def test_collected_sweep_is_fitted_end_to_end(multirun, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     frame = pd.read_csv(table)
-    source = frame.loc[frame["documents_train"].idxmax(), "source"]
+    # A source the four runs drew different amounts of: two runs that draw the same count of a
+    # source draw the same documents (its permutation is seeded per source and epoch, not per
+    # run), so equal tokens are legitimate; the largest such source gives the fit 4 points.
+    per_source = frame.groupby("source")["tokens_seen"]
+    usable = per_source.nunique().eq(4) & per_source.min().gt(0) & per_source.size().eq(4)
+    assert usable.any(), frame.pivot(index="source", columns="run", values="tokens_seen")
+    sizes = frame.groupby("source")["documents_train"].first()
+    source = sizes[usable].idxmax()
     rows = frame[frame["source"] == source]
-    assert len(rows) == 4 and rows["tokens_seen"].nunique() == 4 and (rows["tokens_seen"] > 0).all()
 
     out = tmp_path / "fit"
     result = subprocess.run(

@@ -1,6 +1,5 @@
 """scripts/fit_scaling_law.py end to end on a tiny synthetic CSV, in a subprocess."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -88,10 +87,9 @@ def test_fit_script_bad_column_exits_2(tmp_path):
 
 
 def _script_module():
-    spec = importlib.util.spec_from_file_location("fit_scaling_law", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import pipeline.cli.fit_scaling_law
+
+    return pipeline.cli.fit_scaling_law
 
 
 @pytest.mark.parametrize(
