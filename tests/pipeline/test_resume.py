@@ -120,6 +120,16 @@ def test_resume_with_another_accumulation_keeps_steps_on_global_batches(full_run
     torch.testing.assert_close(torch.tensor(_losses(out, 0) + _losses(out, 1)), torch.tensor(_losses(full_run)),
                                rtol=1e-5, atol=0)
 
+# The packages that decide the embedded corpus and the tokenizer (and so the golden tokens).
+GOLDEN_ENVIRONMENT = ("babel", "sentencepiece", "torch")
+
+
+def _environment() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in GOLDEN_ENVIRONMENT}
+
+
 def test_golden_losses(full_run, demo_data):
     """Per-step losses of the 2N-step demo run against the stored golden values.
 
@@ -128,8 +138,13 @@ def test_golden_losses(full_run, demo_data):
     rounding change per op moves a loss by ~1e-7 relative, growing over 6 steps to an
     expected ~1e-6 (not measured on a second machine). A real change (stream, loss
     normalisation, schedule, initialisation) moves them by 1e-3 or more. Hence rtol 1e-5.
-    The losses also depend on the embedded corpus and the tokenizer: another babel (CLDR)
-    or sentencepiece version gives another tokenizer hash, and the test skips saying so.
+
+    The losses also depend on the embedded corpus and the tokenizer, which babel (CLDR data)
+    and sentencepiece decide. The golden file records their versions (from requirements.lock).
+    Under those versions a different tokenizer hash is a failure: the corpus or tokenizer code
+    changed. Under other versions (an environment not built from the lock) the test skips
+    saying so, except in CI (`MIXPIPE_CI=1`, set by .ci/run), where it fails: CI installs from
+    the lock, so drift there means the lock no longer decides the environment.
     """
     tokenizer = demo_data[2]
     losses = _losses(full_run)
@@ -137,11 +152,19 @@ def test_golden_losses(full_run, demo_data):
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(json.dumps({
             "what": "per-step train/loss of the demo, tests/pipeline/test_resume.py::RUN, 1 thread, float32",
-            "overrides": RUN, "tokenizer_hash": tokenizer.content_hash, "losses": losses}, indent=2) + "\n")
+            "overrides": RUN, "environment": _environment(), "tokenizer_hash": tokenizer.content_hash,
+            "losses": losses}, indent=2) + "\n")
     golden = json.loads(GOLDEN.read_text())
     if golden["tokenizer_hash"] != tokenizer.content_hash:
-        pytest.skip(f"the golden losses were made with tokenizer {golden['tokenizer_hash'][:16]}, this machine "
-                    f"built {tokenizer.content_hash[:16]} (other babel CLDR data or sentencepiece version)")
+        made_with, here = golden.get("environment", {}), _environment()
+        message = (f"the golden losses were made with tokenizer {golden['tokenizer_hash'][:16]} under "
+                   f"{made_with}; this environment ({here}) built {tokenizer.content_hash[:16]}")
+        if made_with == here:
+            pytest.fail(f"{message}: same versions, so the corpus or tokenizer code changed "
+                        "(regenerate only for an intended change: see the module docstring)")
+        if os.environ.get("MIXPIPE_CI"):
+            pytest.fail(f"{message}: CI must run the locked environment (requirements.lock)")
+        pytest.skip(f"{message}: not the locked versions")
     assert golden["overrides"] == RUN, "RUN changed: regenerate the golden file (see the module docstring)"
     torch.testing.assert_close(torch.tensor(losses, dtype=torch.float64),
                                torch.tensor(golden["losses"], dtype=torch.float64), rtol=1e-5, atol=0)
