@@ -23,6 +23,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from pipeline.batch_geometry import BatchGeometry, check_micro_batch_size
 from pipeline.examples import PADDING_STEP, VALIDATION_STEP, MixtureCollator, MixtureDataset
 from pipeline.sampler import MixtureSampler, RankBatchSampler
 from pipeline.split import SourceSplit
@@ -70,7 +71,8 @@ class MixtureDataModule(LightningDataModule):
         corpus: a `PreparedCorpus`; tokenizer: a `Tokenizer`.
         sampler: the run's `MixtureSampler` over the training side of `split`.
         split: per-source train/validation split (its `train` sizes are the sampler's).
-        micro_batch_size: rows per forward pass per rank.
+        micro_batch_size: rows per forward pass per rank (None: the rank's whole share of
+            the global batch, no accumulation); `geometry()` resolves it for the world size.
         max_length: tokens per row (input length after the shift).
         pack: pack several examples per row (per-token source and document ids kept).
         num_workers: dataloader workers (the stream does not depend on it).
@@ -78,7 +80,7 @@ class MixtureDataModule(LightningDataModule):
     """
 
     def __init__(self, corpus, tokenizer, sampler: MixtureSampler, split: SourceSplit,
-                 micro_batch_size: int, max_length: int = 128, pack: bool = False,
+                 micro_batch_size: int | None, max_length: int = 128, pack: bool = False,
                  num_workers: int = 0, direction: str = "both"):
         super().__init__()
         self.corpus, self.tokenizer, self.sampler, self.split = corpus, tokenizer, sampler, split
@@ -86,7 +88,7 @@ class MixtureDataModule(LightningDataModule):
         mismatch = [n for n in self.sources if int(sampler.num_documents[self.sources.index(n)]) != split.train[n]]
         if mismatch:
             raise ValueError(f"sampler sizes disagree with the split's training sizes for {mismatch[0]!r}")
-        self.micro_batch_size = int(micro_batch_size)
+        self.micro_batch_size = check_micro_batch_size(micro_batch_size)  # None allowed; see geometry()
         self.max_length = int(max_length)
         self.train_set = MixtureDataset(corpus, tokenizer, self.sources, split, "train", max_length, direction)
         self.val_set = MixtureDataset(corpus, tokenizer, self.sources, split, "val", max_length, direction)
@@ -102,6 +104,12 @@ class MixtureDataModule(LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def geometry(self, world_size: int | None = None) -> BatchGeometry:
+        """The global batch over `world_size` ranks (default: the attached Trainer's) in
+        micro-batches: `micro_batch_size` resolved, and the accumulation."""
+        world = self._world()[1] if world_size is None else world_size
+        return BatchGeometry.of(self.sampler.global_batch_size, world, self.micro_batch_size)
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._world()
         trainer = getattr(self, "trainer", None)
@@ -112,7 +120,7 @@ class MixtureDataModule(LightningDataModule):
             raise ValueError(
                 f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} but the global "
                 f"batch {self.sampler.global_batch_size} over {world} rank(s) in micro-batches of "
-                f"{self.micro_batch_size} needs {batches.accumulation}; one optimizer step must "
+                f"{batches.micro_batch_size} needs {batches.accumulation}; one optimizer step must "
                 "consume exactly one global batch"
             )
         log.info("train stream: rank %d/%d from step %d, %d micro-batches per step",
@@ -133,7 +141,8 @@ class MixtureDataModule(LightningDataModule):
         per_rank = -(-len(items) // world_size)
         items = items + [(items[0][0], items[0][1], PADDING_STEP)] * (per_rank * world_size - len(items))
         mine = items[rank::world_size]
-        size = self.micro_batch_size
+        # Validation has no optimizer step: rows per forward pass as in training, no divisibility needed.
+        size = self.micro_batch_size or max(1, self.sampler.global_batch_size // world_size)
         return [mine[i:i + size] for i in range(0, len(mine), size)]
 
     def validation_items(self) -> list[tuple[int, int, int]]:

@@ -225,7 +225,7 @@ class ImageTextDataModule(MixtureDataModule):
         Others as `MixtureDataModule` (max_length counts caption tokens).
     """
 
-    def __init__(self, corpus, tokenizer, sampler, split: SourceSplit, micro_batch_size: int,
+    def __init__(self, corpus, tokenizer, sampler, split: SourceSplit, micro_batch_size: int | None,
                  max_length: int = 32, num_workers: int = 0, reference: Sequence[str] = (),
                  example_weights: Mapping[str, np.ndarray] | None = None):
         super().__init__(corpus, tokenizer, sampler, split, micro_batch_size, max(4, max_length),

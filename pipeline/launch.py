@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from pipeline.batch_geometry import BatchGeometry
+
 # Overrides the script sets itself (from the config), removed from the user's list.
 _SCRIPT_KEYS = ("trainer.num_nodes", "trainer.devices", "output_dir", "hydra.run.dir")
 _RESERVED_JOB_NAMES = ("bash", "interactive")  # Lightning's SLURM detection skips these
@@ -61,13 +63,8 @@ def slurm_job(cfg: DictConfig) -> SlurmJob:
     if job_name in _RESERVED_JOB_NAMES or not job_name:
         raise ValueError(f"launch.job_name={job_name!r}: Lightning ignores SLURM for jobs named "
                          f"{' or '.join(_RESERVED_JOB_NAMES)}; pick another name")
-    world = nodes * devices
-    micro = int(cfg.loader.micro_batch_size)
-    batch = int(cfg.run.global_batch_size)
-    if batch % (world * micro):
-        raise ValueError(
-            f"run.global_batch_size={batch} is not divisible by world size {world} "
-            f"(trainer.num_nodes={nodes} x trainer.devices={devices}) x loader.micro_batch_size={micro}")
+    BatchGeometry.of(cfg.run.global_batch_size, nodes * devices, cfg.loader.get("micro_batch_size"),
+                     f"trainer.num_nodes={nodes} x trainer.devices={devices}")  # ValueError naming all three
     on_gpu = str(cfg.trainer.get("accelerator", "gpu")) in ("gpu", "cuda")
     return SlurmJob(job_name, nodes, devices, devices if on_gpu else 0,
                     _positive_int(launch.cpus_per_task, "launch.cpus_per_task"))

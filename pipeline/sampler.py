@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.allocation import ExactAllocator, StochasticAllocator
+from pipeline.batch_geometry import BatchGeometry
 from pipeline.mixing.base import MixingStage
 from pipeline.mixing.plan import MixturePlan, validate_sizes
 from pipeline.permutation import hash_key, permute
@@ -127,12 +128,7 @@ class MixtureSampler:
         return GlobalBatch(step, source, index, draw)
 
     def per_rank_batch_size(self, world_size: int) -> int:
-        if world_size < 1 or self.global_batch_size % world_size:
-            raise ValueError(
-                f"global_batch_size {self.global_batch_size} is not divisible by world size "
-                f"{world_size}; every rank must get the same number of examples"
-            )
-        return self.global_batch_size // world_size
+        return BatchGeometry.of(self.global_batch_size, world_size).per_rank_batch_size
 
     def _example_index(self, source: np.ndarray, draw: np.ndarray) -> np.ndarray:
         """Map each (source, draw number) to an example index via per-epoch permutations,
@@ -205,8 +201,9 @@ class RankBatchSampler:
     Args:
         sampler: the global stream.
         rank, world_size: this process's place in data parallelism.
-        micro_batch_size: examples per forward pass on this rank; the rank's share of a
-            global batch is split into global / (world_size * micro) micro-batches.
+        micro_batch_size: examples per forward pass on this rank (None: the rank's whole
+            share); `geometry` (`pipeline.batch_geometry`) holds the split and the
+            accumulation, global / (world_size * micro).
         start_step: first global step to yield (the resume point).
         num_steps: yield exactly this many global steps instead of the rest of the pass.
     """
@@ -216,14 +213,9 @@ class RankBatchSampler:
                  num_steps: int | None = None):
         self.sampler = sampler
         self.rank, self.world_size = int(rank), int(world_size)
-        per_rank = sampler.per_rank_batch_size(self.world_size)
-        self.micro_batch_size = per_rank if micro_batch_size is None else int(micro_batch_size)
-        if self.micro_batch_size < 1 or per_rank % self.micro_batch_size:
-            raise ValueError(
-                f"per-rank batch {per_rank} (global {sampler.global_batch_size} / world "
-                f"{world_size}) is not divisible by micro_batch_size {micro_batch_size}"
-            )
-        self.accumulation = per_rank // self.micro_batch_size
+        self.geometry = BatchGeometry.of(sampler.global_batch_size, self.world_size, micro_batch_size)
+        self.micro_batch_size = self.geometry.micro_batch_size
+        self.accumulation = self.geometry.accumulation
         self.start_step = start_step
         self.num_steps = num_steps
 

@@ -50,11 +50,14 @@ class DeepSpeedCPUAdapter(DeepSpeedStrategy):
         _restore_metric_state_dtypes(dtypes)
 
     def _auto_select_batch_size(self) -> int:
-        # DeepSpeed reads the micro-batch size only for throughput logging; Lightning looks
-        # for `batch_sampler.batch_size`, which the sampler's `RankBatchSampler` calls
-        # `micro_batch_size`. Never build a dataloader just to read it.
-        size = getattr(self.lightning_module.trainer.datamodule, "micro_batch_size", None)
-        return int(size) if size else super()._auto_select_batch_size()
+        # DeepSpeed's `train_micro_batch_size_per_gpu` (x accumulation x world size = its train
+        # batch size, which it asserts). Lightning looks for `batch_sampler.batch_size`, which
+        # `RankBatchSampler` calls `micro_batch_size`; the datamodule's `geometry()` resolves
+        # `loader.micro_batch_size: null` for this world size. Never build a dataloader to read it.
+        datamodule = self.lightning_module.trainer.datamodule
+        if hasattr(datamodule, "geometry"):
+            return datamodule.geometry(self.world_size).micro_batch_size
+        return super()._auto_select_batch_size()
 
     @property
     def root_device(self) -> torch.device:

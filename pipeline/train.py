@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 import pipeline.config_schema  # noqa: F401  (registers base_config)
+from pipeline.batch_geometry import geometry_for_trainer, geometry_from_config
 from pipeline.checkpointing import AtomicCheckpointIO, check_resume_identity, resolve_checkpoint
 from pipeline.datamodule import datamodule_from_config
 from pipeline.image_text import image_text_datamodule_from_config, is_image_text
@@ -71,6 +72,9 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path, identity: dict) -> tupl
 def train(cfg: DictConfig) -> dict:
     """Run one training job; returns the results record (also written to results.json)."""
     started = time.time()
+    # Global batch / world size / micro-batch checked before any data is prepared or process
+    # started; None only for devices=-1/"auto" on an accelerator counted by the Trainer.
+    geometry = geometry_from_config(cfg)
     output_dir = output_dir_of(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -115,7 +119,7 @@ def train(cfg: DictConfig) -> dict:
         default_root_dir=str(output_dir),
         use_distributed_sampler=False,  # the datamodule shards the global stream by rank
     )
-    trainer.accumulate_grad_batches = cfg.run.global_batch_size // (trainer.world_size * cfg.loader.micro_batch_size)
+    trainer.accumulate_grad_batches = geometry_for_trainer(cfg, trainer.world_size, geometry).accumulation
     if cfg.evaluation.every_n_steps:  # in micro-batches for Lightning; at most one pass
         every = min(cfg.evaluation.every_n_steps, cfg.run.total_steps)
         trainer.val_check_interval = every * trainer.accumulate_grad_batches

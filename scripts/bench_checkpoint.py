@@ -70,6 +70,7 @@ def worker(args) -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from pipeline.batch_geometry import geometry_for_trainer, geometry_from_config
     from pipeline.checkpointing import AtomicCheckpointIO
     from pipeline.datamodule import datamodule_from_config
     from pipeline.prepare import prepare
@@ -87,7 +88,7 @@ def worker(args) -> None:
     trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), strategy=strategy, logger=False,
                          enable_checkpointing=False, max_steps=1, use_distributed_sampler=False,
                          plugins=None if is_sharded(strategy) else [AtomicCheckpointIO()])
-    trainer.accumulate_grad_batches = cfg.run.global_batch_size // (trainer.world_size * cfg.loader.micro_batch_size)
+    trainer.accumulate_grad_batches = geometry_for_trainer(cfg, trainer.world_size, geometry_from_config(cfg)).accumulation
     trainer.fit(model, datamodule=datamodule)
     rank = trainer.global_rank
     out = Path(args.out)

@@ -117,7 +117,7 @@ def pipeline_batches(overrides: list[str], steps: int) -> tuple[Any, list[list[d
     cfg = compose(overrides)
     corpus, tokenizer = prepare(cfg, progress=False)
     datamodule = datamodule_from_config(cfg, corpus, tokenizer)
-    accumulation = cfg.run.global_batch_size // cfg.loader.micro_batch_size
+    accumulation = datamodule.geometry(world_size=1).accumulation  # one process, as the loader below
     loader = iter(datamodule.train_dataloader())
     return (cfg, corpus, tokenizer, datamodule), [[next(loader) for _ in range(accumulation)] for _ in range(steps)]
 

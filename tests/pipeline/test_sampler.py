@@ -184,7 +184,7 @@ def test_dataloader_workers_do_not_change_the_stream(mode):
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="not divisible by world size 5"):
         make().rank_slice(0, 0, 5)
-    with pytest.raises(ValueError, match="micro_batch_size 5"):
+    with pytest.raises(ValueError, match="loader.micro_batch_size=5"):
         RankBatchSampler(make(), micro_batch_size=5)
     with pytest.raises(ValueError, match="mode"):
         make(mode="greedy")
