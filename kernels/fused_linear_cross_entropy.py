@@ -25,7 +25,12 @@ from __future__ import annotations
 import torch
 
 from kernels._validation import check_flce_inputs, check_impl
-from kernels.reference import acc_dtype, fused_linear_cross_entropy_reference
+from kernels.reference import (
+    acc_dtype,
+    fused_linear_cross_entropy_reference,
+    mean_denominator,
+    reduce_per_token,
+)
 
 try:  # Triton is a dependency, but the chunked path must work where it cannot be imported.
     import triton
@@ -35,21 +40,26 @@ try:  # Triton is a dependency, but the chunked path must work where it cannot b
 except ImportError:  # pragma: no cover - exercised only on machines without triton
     HAS_TRITON = False
 
-# Chunked path: rows per chunk C = CHUNK_ELEMENTS // V, so one (C, V) buffer holds at most
-# 2**21 elements = 8 MiB in fp32 (C = 65 rows at V = 32000, 8 rows at V = 256k). Backward
-# keeps at most two such buffers alive (the probabilities/gradient of the logits, and
-# 1 - tanh^2 when softcap is on; plus a half-size copy for fp16/bf16 inputs), so the extra
-# memory is ~16-20 MiB whatever N is, plus the outputs themselves (grad_weight V x H in
-# fp32, grad_hidden N x H) and the BLAS library's own scratch (measured ~40 MiB on CPU at
-# H = 512, V = 32000). At N = 4096, V = 32000 the naive path instead keeps the (N, V)
-# logits, log-softmax and its gradient alive: 3 x 0.5 GiB. Larger chunks (2**23 elements)
-# were not faster on CPU and cost more peak (glibc keeps freed 32 MiB blocks in its heap).
-CHUNK_ELEMENTS = 1 << 21
+# Chunked path: C = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 V)) non-ignored rows per chunk,
+# capped at N. One (C, V) fp32 buffer is allocated per call and reused by every chunk
+# (plus a second one for 1 - tanh^2 when softcap is on): 32 MiB at V <= 32768 (C = 262 at
+# V = 32000), C = 256 rows above (64 MiB at V = 65536, 256 MiB at V = 262144). Why a row
+# floor: each chunk runs three (C, H) x (H, V)-sized matmuls, and at 32-65 rows (the old
+# 8 MiB budget at V = 65536) BLAS runs well below its large-matrix speed and the many small
+# ops pay thread-pool barriers on a shared machine (measured 2.2x naive there). Why reuse
+# one buffer: a fresh 32 MiB tensor per chunk is a fresh mmap, and its page faults cost up
+# to the chunk's whole forward matmul (measured 1.15-1.9x on the 2-core VM).
+# Extra memory besides the buffer: the outputs (grad_weight V x H in fp32, grad_hidden
+# N x H), (N,) statistics, and BLAS scratch. At N = 4096, V = 32000 the naive loss keeps
+# (N, V) logits, log-softmax and its gradient: 3 x 0.5 GiB.
+CHUNK_BYTES = 32 << 20
+MIN_CHUNK_ROWS = 256
 
 
 def default_chunk_size(num_rows: int, vocab: int) -> int:
-    """Rows per chunk so that one (C, V) fp32 buffer is at most CHUNK_ELEMENTS elements."""
-    return max(1, min(num_rows, CHUNK_ELEMENTS // max(vocab, 1)))
+    """Rows per chunk: a (C, V) fp32 buffer of CHUNK_BYTES, but at least MIN_CHUNK_ROWS rows."""
+    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * max(vocab, 1)))
+    return max(1, min(num_rows, rows))
 
 
 # ---------------------------------------------------------------------------------------
@@ -57,127 +67,282 @@ def default_chunk_size(num_rows: int, vocab: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def _chunk_logits(h_c, weight, bias, dtype):
-    """(C, V) logits of a chunk in the accumulation dtype (the matmul accumulates in fp32)."""
-    if bias is None:
-        z = h_c @ weight.T
-    else:
-        z = torch.addmm(bias, h_c, weight.T)
-    return z if z.dtype == dtype else z.to(dtype)
-
-
-def _chunks(keep: torch.Tensor, chunk_size: int):
-    """Yield (start, end, rows) with rows = indices of non-ignored tokens in [start, end)."""
+def _kept_chunks(keep: torch.Tensor, chunk_size: int):
+    """Yield the rows of each chunk: a slice when no token is ignored, else an index tensor
+    of up to chunk_size non-ignored tokens (ignored rows are never read: no flops spent on
+    padding, and a NaN in an ignored row cannot reach anything)."""
     n = keep.shape[0]
-    for start in range(0, n, chunk_size):
-        end = min(n, start + chunk_size)
-        rows = keep[start:end].nonzero().squeeze(1) + start
-        if rows.numel():
-            yield start, end, rows
+    if bool(keep.all()):
+        for start in range(0, n, chunk_size):
+            yield slice(start, min(n, start + chunk_size))
+        return
+    kept = keep.nonzero().squeeze(1)
+    for start in range(0, kept.numel(), chunk_size):
+        yield kept[start:start + chunk_size]
 
 
-def _rows_of(hidden, start, end, rows):
-    # Ignored tokens (padding) are dropped before the matmul: no flops spent on them.
-    if rows.numel() == end - start:
-        return hidden[start:end]
-    return hidden.index_select(0, rows)
+def _take(x: torch.Tensor, rows) -> torch.Tensor:
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def _put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        dst[rows] = src
+    else:
+        dst.index_copy_(0, rows, src)
+
+
+class _Buffers:
+    """The (C, V) fp32 buffers one call reuses for every chunk (see CHUNK_BYTES)."""
+
+    def __init__(self, chunk_size, vocab, dtype, device, softcap):
+        self.z = torch.empty(chunk_size, vocab, dtype=dtype, device=device)
+        self.dcap = (torch.empty(chunk_size, vocab, dtype=dtype, device=device)
+                     if softcap is not None else None)
+
+    def logits(self, h_c, weight, bias):
+        """(C, V) logits of a chunk, written into the reused buffer."""
+        z = self.z[:h_c.shape[0]]
+        if h_c.dtype != z.dtype:  # fp16/bf16: half matmul (fp32 accumulation), then upcast
+            z.copy_(h_c @ weight.T if bias is None else torch.addmm(bias, h_c, weight.T))
+        elif bias is None:
+            torch.mm(h_c, weight.T, out=z)
+        else:
+            torch.addmm(bias, h_c, weight.T, out=z)
+        return z
+
+
+def _chunk_loss(z, t, ls, z_loss, softcap, dcap):
+    """Per-token loss of a chunk; turns the logits z (C, V) into e = exp(z - m) in place.
+
+    Returns (l (C,), m (C,), s (C,)) with m the row maximum and s = sum_j e_j, so
+    p = e / s and lse = m + log s. The loss is formed as log_softmax does, from z - m and
+    log s (both small near the maximum), never as lse - z_t: at |z| ~ 3000 fp32 spacing is
+    2^-12 and lse - z_t would carry that absolute error into a loss of any size. When
+    dcap is given (softcap on), it receives d softcap(x) / dx = 1 - tanh^2.
+    """
+    if softcap is not None:
+        z.div_(softcap).tanh_()
+        if dcap is not None:
+            torch.mul(z, z, out=dcap[:z.shape[0]]).neg_().add_(1.0)
+        z.mul_(softcap)
+    z_t = z.gather(1, t[:, None])[:, 0]
+    m = z.amax(dim=1)
+    z.sub_(m[:, None])
+    shifted_mean = z.mean(dim=1) if ls > 0.0 else None  # mean_j (z_j - m)
+    s = z.exp_().sum(dim=1)
+    log_s = s.log()
+    loss = (m - z_t).add_(log_s)  # -log p_t = (m - z_t) + log s
+    if ls > 0.0:
+        # (1 - ls) (-log p_t) + ls mean_j(-log p_j), with -log p_j = log s - (z_j - m)
+        loss = loss.mul_(1.0 - ls).add_(ls * (log_s - shifted_mean))
+    if z_loss:
+        loss = loss.add_(z_loss * (m + log_s).square())
+    return loss, m, s
+
+
+def _chunk_dlogits(e, t, g, m, s, ls, z_loss, dcap):
+    """In place: e = exp(z - m) (C, V) -> g_i dl_i/dz_ij, for upstream gradients g (C,).
+
+    dl_i/dz_ij = (1 + 2 z_loss lse_i) p_ij - (1 - ls) [j = t_i] - ls / V, times
+    d softcap / dz when softcap is on; p = e / s is never formed on its own.
+    """
+    v = e.shape[1]
+    coef = g / s
+    if z_loss:
+        coef = coef * (1.0 + 2.0 * z_loss * (m + s.log()))
+    e.mul_(coef[:, None])
+    if ls > 0.0:
+        e.sub_((g * (ls / v))[:, None])
+    e.scatter_add_(1, t[:, None], (-(1.0 - ls) * g)[:, None])
+    if dcap is not None:
+        e.mul_(dcap[:e.shape[0]])
+    return e
+
+
+def _chunk_grads(dz, rows, h_c, weight, grad_h, grad_w, grad_b):
+    """Add a chunk's dz (C, V) to grad_bias, write its grad_hidden rows, add to grad_weight."""
+    if grad_b is not None:
+        grad_b += dz.sum(dim=0)
+    low_precision = h_c.dtype != dz.dtype
+    dz_in = dz.to(h_c.dtype) if low_precision else dz
+    if grad_h is not None:
+        if isinstance(rows, slice) and not low_precision:
+            torch.mm(dz_in, weight, out=grad_h[rows])
+        else:
+            _put(grad_h, rows, dz_in @ weight)
+    if grad_w is not None:
+        # fp32 product for half inputs: a bf16 product per chunk would round each chunk's
+        # partial sum (the C x H upcast is small next to C x V).
+        grad_w.addmm_(dz.T, h_c.to(dz.dtype) if low_precision else h_c)
+
+
+def _chunked_pass(hidden, weight, bias, target, keep, row_grad, ls, z_loss, softcap,
+                  chunk_size, grads=None):
+    """One pass over the kept rows: per-token losses l (N,) (0 where ignored) and the row
+    statistics m, s (N,); with grads = (grad_h, grad_w, grad_b) (None entries skipped), it
+    also accumulates the gradients of sum_i row_grad_i l_i in the same pass."""
+    dtype = acc_dtype(hidden.dtype)
+    n, v = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    loss = torch.zeros(n, dtype=dtype, device=dev)
+    m_all = torch.zeros(n, dtype=dtype, device=dev)
+    s_all = torch.ones(n, dtype=dtype, device=dev)
+    want_dz = grads is not None and any(x is not None for x in grads)
+    buffers = _Buffers(chunk_size, v, dtype, dev, softcap if want_dz else None)
+    for rows in _kept_chunks(keep, chunk_size):
+        h_c = _take(hidden, rows)
+        t = _take(target, rows).long()
+        z = buffers.logits(h_c, weight, bias)
+        l_c, m, s = _chunk_loss(z, t, ls, z_loss, softcap, buffers.dcap)
+        _put(loss, rows, l_c)
+        _put(m_all, rows, m)
+        _put(s_all, rows, s)
+        if want_dz:
+            dz = _chunk_dlogits(z, t, _take(row_grad, rows), m, s, ls, z_loss, buffers.dcap)
+            _chunk_grads(dz, rows, h_c, weight, *grads)
+    return loss, m_all, s_all
+
+
+def _grad_buffers(hidden, weight, bias, need_h, need_w, need_b):
+    # Cross-chunk sums are kept in the accumulation dtype (fp32 for bf16 inputs).
+    dtype = acc_dtype(hidden.dtype)
+    return (torch.zeros_like(hidden) if need_h else None,
+            torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None,
+            torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b else None)
+
+
+def _finish_grads(grads, hidden, weight, bias):
+    grad_h, grad_w, grad_b = grads
+    return (grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype))
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Chunked over N; forward saves lse (N,), backward recomputes each (C, V) block.
+    """Per-token losses, chunked over N; backward recomputes each (C, V) block.
 
     forward(hidden (N, H), weight (V, H), bias (V,) | None, target (N,),
             token_weight (N,) | None, ignore_index, label_smoothing, z_loss, softcap,
             chunk_size) -> per-token weighted loss (N,) in the accumulation dtype, 0 where
-    ignored. Reductions are applied outside, so backward receives a per-token gradient.
+    ignored. Used for reduction="none", where every token has its own upstream gradient
+    and grad_weight cannot be formed before backward: 4 matmuls of N x V x H (the logits
+    twice). Saves only (N,) statistics (row max m and sum s of exp(z - m)).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, token_weight, ignore_index,
                 label_smoothing, z_loss, softcap, chunk_size):
         dtype = acc_dtype(hidden.dtype)
-        n, _v = hidden.shape[0], weight.shape[0]
         keep = target != ignore_index
-        loss = torch.zeros(n, dtype=dtype, device=hidden.device)  # unweighted l_i
-        lse = torch.zeros(n, dtype=dtype, device=hidden.device)
         ls = float(label_smoothing)
-        for start, end, rows in _chunks(keep, chunk_size):
-            z = _chunk_logits(_rows_of(hidden, start, end, rows), weight, bias, dtype)  # (C, V)
-            if softcap is not None:
-                z.div_(softcap).tanh_().mul_(softcap)
-            t = target.index_select(0, rows).long()
-            z_target = z.gather(1, t[:, None])[:, 0]
-            z_mean = z.mean(dim=1) if ls > 0.0 else None
-            m = z.amax(dim=1)
-            lse_c = z.sub_(m[:, None]).exp_().sum(dim=1).log_().add_(m)  # z is consumed here
-            l_c = (1.0 - ls) * (lse_c - z_target)
-            if ls > 0.0:
-                l_c = l_c + ls * (lse_c - z_mean)
-            if z_loss:
-                l_c = l_c + z_loss * lse_c.square()
-            loss.index_copy_(0, rows, l_c)
-            lse.index_copy_(0, rows, lse_c)
-            del z
+        loss, m, s = _chunked_pass(hidden, weight, bias, target, keep, None, ls, z_loss,
+                                   softcap, chunk_size)
         out = loss if token_weight is None else loss * token_weight.to(dtype)
-        ctx.save_for_backward(hidden, weight, bias, target, token_weight, lse, loss)
+        ctx.save_for_backward(hidden, weight, bias, target, token_weight, m, s, loss)
         ctx.config = (ignore_index, ls, float(z_loss), softcap, chunk_size)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, target, token_weight, lse, loss = ctx.saved_tensors
+        hidden, weight, bias, target, token_weight, m_all, s_all, loss = ctx.saved_tensors
         ignore_index, ls, z_loss, softcap, chunk_size = ctx.config
         need_h, need_w, need_b, _, need_tw = ctx.needs_input_grad[:5]
         dtype = acc_dtype(hidden.dtype)
-        low_precision = hidden.dtype != dtype
-        v = weight.shape[0]
-        g = grad_out.to(dtype)
-        if token_weight is not None:
-            g = g * token_weight.to(dtype)  # d out_i / d l_i = w_i
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        # Cross-chunk sums are kept in the accumulation dtype (fp32 for bf16 inputs).
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
-        grad_b = torch.zeros(v, dtype=dtype, device=weight.device) if need_b else None
         keep = target != ignore_index
+        # An ignored token's upstream gradient is never read (0 * inf would be NaN).
+        g_all = torch.where(keep, grad_out.to(dtype), 0.0)
+        if token_weight is not None:
+            g_all = g_all * token_weight.to(dtype)  # d out_i / d l_i = w_i
+        grads = _grad_buffers(hidden, weight, bias, need_h, need_w, need_b)
         if need_h or need_w or need_b:
-            for start, end, rows in _chunks(keep, chunk_size):
-                h_c = _rows_of(hidden, start, end, rows)
-                z = _chunk_logits(h_c, weight, bias, dtype)  # (C, V), the one big buffer
-                dcap = None
+            buffers = _Buffers(chunk_size, weight.shape[0], dtype, hidden.device, softcap)
+            for rows in _kept_chunks(keep, chunk_size):
+                h_c = _take(hidden, rows)
+                t = _take(target, rows).long()
+                m, s = _take(m_all, rows), _take(s_all, rows)
+                z = buffers.logits(h_c, weight, bias)
                 if softcap is not None:
                     z.div_(softcap).tanh_()
-                    dcap = 1.0 - z.square()  # d softcap(x) / dx, second (C, V) buffer
+                    torch.mul(z, z, out=buffers.dcap[:z.shape[0]]).neg_().add_(1.0)
                     z.mul_(softcap)
-                g_c = g.index_select(0, rows)
-                lse_c = lse.index_select(0, rows)
-                # dl_i/dz_ij = (1 + 2 z_loss lse_i) p_ij - (1 - ls) [j = t_i] - ls / V
-                dz = z.sub_(lse_c[:, None]).exp_()
-                dz.mul_((g_c * (1.0 + 2.0 * z_loss * lse_c))[:, None])
-                if ls > 0.0:
-                    dz.sub_((g_c * (ls / v))[:, None])
-                t = target.index_select(0, rows).long()
-                dz.scatter_add_(1, t[:, None], (-(1.0 - ls) * g_c)[:, None])
-                if dcap is not None:
-                    dz.mul_(dcap)
-                    del dcap
-                if grad_b is not None:
-                    grad_b += dz.sum(dim=0)
-                dz_in = dz.to(hidden.dtype) if low_precision else dz
-                if grad_h is not None:
-                    grad_h.index_copy_(0, rows, dz_in @ weight)
-                if grad_w is not None:
-                    # fp32 product for half inputs: a bf16 product per chunk would round
-                    # each chunk's partial sum (C x H upcast is small next to C x V).
-                    grad_w.addmm_(dz.T, h_c.to(dtype) if low_precision else h_c)
-                del z, dz, dz_in
+                e = z.sub_(m[:, None]).exp_()  # the forward's exp(z - m), bit for bit
+                dz = _chunk_dlogits(e, t, _take(g_all, rows), m, s, ls, z_loss, buffers.dcap)
+                _chunk_grads(dz, rows, h_c, weight, *grads)
         grad_tw = None
         if need_tw:
-            grad_tw = (grad_out.to(dtype) * loss).to(token_weight.dtype)
+            grad_tw = torch.where(keep, grad_out.to(dtype) * loss, 0.0).to(token_weight.dtype)
+        return (*_finish_grads(grads, hidden, weight, bias), None, grad_tw, None, None, None,
+                None, None)
+
+
+class ChunkedLinearCrossEntropySum(torch.autograd.Function):
+    """sum_i w_i l_i / denominator (a scalar), every gradient computed during forward.
+
+    forward(hidden, weight, bias, target, token_weight, ignore_index, label_smoothing,
+            z_loss, softcap, chunk_size, denominator (None = 1, float or scalar tensor),
+            need_grads (need_h, need_w, need_b)) -> scalar.
+    The upstream gradient of a scalar is one number, so grad_hidden, grad_weight and
+    grad_bias are known up to that factor while each (C, V) block is in the buffer: 3
+    matmuls of N x V x H in all, as the naive loss, instead of recomputing the logits in
+    backward (4), and one pass over the rows. The denominator (1/normalizer of "mean") is
+    folded in, so the usual upstream gradient is exactly 1 and backward returns the
+    gradients as they are; any other factor is applied in place.
+    Costs: the gradients exist from forward on (grad_weight is V x H fp32: it is returned
+    anyway), and a forward whose backward never runs has paid for the gradients; the entry
+    point passes need_grads all False under torch.no_grad or when nothing requires grad.
+    Backward can run once per forward (retain_graph=True and a second backward raise).
+    With half inputs and an upstream factor other than 1, gradients are rounded to the
+    input dtype twice (before and after the factor).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, token_weight, ignore_index,
+                label_smoothing, z_loss, softcap, chunk_size, denominator, need_grads):
+        dtype = acc_dtype(hidden.dtype)
+        keep = target != ignore_index
+        g = torch.ones(hidden.shape[0], dtype=dtype, device=hidden.device)
+        if token_weight is not None:
+            g = token_weight.to(dtype)
+        if denominator is not None:
+            g = g / denominator
+        grads = _grad_buffers(hidden, weight, bias, *need_grads)
+        loss, _, _ = _chunked_pass(hidden, weight, bias, target, keep, g,
+                                   float(label_smoothing), z_loss, softcap, chunk_size, grads)
+        weighted = loss if token_weight is None else loss * token_weight.to(dtype)
+        total = weighted.sum()
+        if denominator is not None:
+            total = total / denominator
+        ctx.grads = grads
+        ctx.out_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(loss, token_weight)
+        ctx.denominator = denominator
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        loss, token_weight = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("fused_linear_cross_entropy: this loss's gradients were "
+                               "computed in forward and handed out by the first backward; "
+                               "a second backward through it is not supported")
+        grads, ctx.grads = ctx.grads, None
+        g = grad_out.to(loss.dtype)
+        if not bool(g == 1.0):  # the usual loss.backward() seed: nothing to scale
+            grads = tuple(None if x is None else x.mul_(g.to(x.dtype)) for x in grads)
+        grad_h, grad_w, grad_b = grads
         if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+            grad_w = grad_w.to(ctx.out_dtypes[0])
         if grad_b is not None:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, grad_tw, None, None, None, None, None
+            grad_b = grad_b.to(ctx.out_dtypes[1])
+        grad_tw = None
+        if ctx.needs_input_grad[4]:
+            grad_tw = g * loss  # loss is 0 at ignored tokens
+            if ctx.denominator is not None:
+                grad_tw = grad_tw / ctx.denominator
+            grad_tw = grad_tw.to(token_weight.dtype)
+        return (grad_h, grad_w, grad_b, None, grad_tw, None, None, None, None, None, None,
+                None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,41 +381,49 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _flce_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, zt_ptr, zsum_ptr, N, V, H,
+    def _flce_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, logs_ptr, zt_ptr, zs_ptr, N, V, H,
                          stride_hn, stride_hh, stride_wv, stride_wh, softcap,
                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                          PRECISION: tl.constexpr):
         # One program per BN rows; online log-sum-exp over V tiles. Writes (N,) statistics:
-        # lse, the target logit and the sum of logits (for label smoothing).
+        # the row max m, log s with s = sum_j exp(z_j - m), the target logit, and
+        # sum_j (z_j - m) (for label smoothing). Keeping m and log s apart (not their sum
+        # lse) keeps extreme logits as accurate as log_softmax (see _chunk_loss).
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = rn < N
         tgt = tl.load(t_ptr + rn, mask=mask_n, other=-1)
+        # Ignored rows (target -1) load hidden as 0: a NaN there never enters the logits.
+        row_ok = mask_n & (tgt >= 0)
         m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         s = tl.zeros([BLOCK_N], dtype=tl.float32)
         zt = tl.zeros([BLOCK_N], dtype=tl.float32)
-        zsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+        zs = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum over columns so far of (z_j - m)
         for v0 in range(0, V, BLOCK_V):
             rv = v0 + tl.arange(0, BLOCK_V)
             mask_v = rv < V
-            z = _logits_tile(h_ptr, w_ptr, b_ptr, rn, rv, mask_n, mask_v, H, stride_hn,
+            z = _logits_tile(h_ptr, w_ptr, b_ptr, rn, rv, row_ok, mask_v, H, stride_hn,
                              stride_hh, stride_wv, stride_wh, HAS_BIAS, BLOCK_N, BLOCK_V,
                              BLOCK_H, PRECISION)
             if HAS_SOFTCAP:
                 z = softcap * _tanh(z / softcap)
             zt += tl.sum(tl.where(rv[None, :] == tgt[:, None], z, 0.0), axis=1)
-            zsum += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
             z = tl.where(mask_v[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
+            # Re-base the shifted sum on the new max: v0 columns each move by m - m_new.
+            zs = tl.where(v0 > 0, zs + v0 * (m - m_new), 0.0)
+            zs += tl.sum(tl.where(mask_v[None, :], z - m_new[:, None], 0.0), axis=1)
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
             m = m_new
-        tl.store(lse_ptr + rn, m + tl.log(s), mask=mask_n)
+        tl.store(m_ptr + rn, m, mask=mask_n)
+        tl.store(logs_ptr + rn, tl.log(s), mask=mask_n)
         tl.store(zt_ptr + rn, zt, mask=mask_n)
-        tl.store(zsum_ptr + rn, zsum, mask=mask_n)
+        tl.store(zs_ptr + rn, zs, mask=mask_n)
 
     @triton.jit
-    def _flce_bwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, coef_ptr, tcoef_ptr, scoef_ptr,
+    def _flce_bwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, logs_ptr, coef_ptr, tcoef_ptr,
+                         scoef_ptr,
                          gh_ptr, gw_ptr, gb_ptr, N, V, H, stride_hn, stride_hh, stride_wv,
                          stride_wh, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          NEED_GH: tl.constexpr, NEED_GW: tl.constexpr, NEED_GB: tl.constexpr,
@@ -265,23 +438,25 @@ if HAS_TRITON:
         rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_n = rn < N
         mask_v = rv < V
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rn, rv, mask_n, mask_v, H, stride_hn,
+        tgt = tl.load(t_ptr + rn, mask=mask_n, other=-1)
+        row_ok = mask_n & (tgt >= 0)  # ignored rows: hidden read as 0, dz forced to 0
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rn, rv, row_ok, mask_v, H, stride_hn,
                          stride_hh, stride_wv, stride_wh, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H,
                          PRECISION)
         if HAS_SOFTCAP:
             th = _tanh(z / softcap)
             z = softcap * th
-        tgt = tl.load(t_ptr + rn, mask=mask_n, other=-1)
-        lse = tl.load(lse_ptr + rn, mask=mask_n, other=0.0)
-        coef = tl.load(coef_ptr + rn, mask=mask_n, other=0.0)
-        tcoef = tl.load(tcoef_ptr + rn, mask=mask_n, other=0.0)
-        scoef = tl.load(scoef_ptr + rn, mask=mask_n, other=0.0)
-        p = tl.exp(z - lse[:, None])
+        m = tl.load(m_ptr + rn, mask=row_ok, other=0.0)
+        logs = tl.load(logs_ptr + rn, mask=row_ok, other=0.0)
+        coef = tl.load(coef_ptr + rn, mask=row_ok, other=0.0)
+        tcoef = tl.load(tcoef_ptr + rn, mask=row_ok, other=0.0)
+        scoef = tl.load(scoef_ptr + rn, mask=row_ok, other=0.0)
+        p = tl.exp((z - m[:, None]) - logs[:, None])  # as log_softmax: z - m first
         dz = p * coef[:, None] - scoef[:, None]
         dz -= tl.where(rv[None, :] == tgt[:, None], tcoef[:, None], 0.0)
         if HAS_SOFTCAP:
             dz = dz * (1.0 - th * th)
-        dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
+        dz = tl.where(row_ok[:, None] & mask_v[None, :], dz, 0.0)
         if NEED_GB:
             tl.atomic_add(gb_ptr + rv, tl.sum(dz, axis=0), mask=mask_v)
         dz_in = dz.to(h_ptr.dtype.element_ty)
@@ -293,10 +468,10 @@ if HAS_TRITON:
                             mask=mask_v[:, None] & mask_h[None, :], other=0.0)
                 gh = tl.dot(dz_in, w, input_precision=PRECISION)  # (BN, BH)
                 tl.atomic_add(gh_ptr + rn[:, None] * H + rh[None, :], gh,
-                              mask=mask_n[:, None] & mask_h[None, :])
+                              mask=row_ok[:, None] & mask_h[None, :])
             if NEED_GW:
                 h = tl.load(h_ptr + rn[:, None] * stride_hn + rh[None, :] * stride_hh,
-                            mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+                            mask=row_ok[:, None] & mask_h[None, :], other=0.0)
                 gw = tl.dot(tl.trans(dz_in), h, input_precision=PRECISION)  # (BV, BH)
                 tl.atomic_add(gw_ptr + rv[:, None] * H + rh[None, :], gw,
                               mask=mask_v[:, None] & mask_h[None, :])
@@ -343,37 +518,45 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         bn, bv, bh = _blocks()
         keep = target != ignore_index
         tgt = torch.where(keep, target, torch.full_like(target, -1)).to(torch.int32)
-        stats = torch.empty(3, n, dtype=torch.float32, device=hidden.device)
-        lse, z_target, z_sum = stats[0], stats[1], stats[2]
+        stats = torch.empty(4, n, dtype=torch.float32, device=hidden.device)
+        m, log_s, z_target, z_shifted_sum = stats[0], stats[1], stats[2], stats[3]
         precision = "ieee"  # exact fp32 products (no TF32); bf16 dots accumulate in fp32
         bias_arg = bias if bias is not None else hidden  # dummy pointer when HAS_BIAS=False
         if n:
             _flce_fwd_kernel[(triton.cdiv(n, bn),)](
-                hidden, weight, bias_arg, tgt, lse, z_target, z_sum, n, v, h,
+                hidden, weight, bias_arg, tgt, m, log_s, z_target, z_shifted_sum, n, v, h,
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 float(softcap) if softcap is not None else 1.0,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, PRECISION=precision)
         ls = float(label_smoothing)
-        loss = (1.0 - ls) * (lse - z_target) + ls * (lse - z_sum / v) + z_loss * lse.square()
+        # As _chunk_loss: -log p_t = (m - z_t) + log s, mean_j -log p_j = log s - mean(z - m).
+        loss = (1.0 - ls) * ((m - z_target) + log_s)
+        if ls > 0.0:
+            loss = loss + ls * (log_s - z_shifted_sum / v)
+        if z_loss:
+            loss = loss + z_loss * (m + log_s).square()
         loss = torch.where(keep, loss, torch.zeros_like(loss))
         out = loss if token_weight is None else loss * token_weight.float()
-        ctx.save_for_backward(hidden, weight, bias, tgt, token_weight, lse, loss)
+        ctx.save_for_backward(hidden, weight, bias, tgt, token_weight, m, log_s, loss)
         ctx.config = (ls, float(z_loss), softcap, precision)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, tgt, token_weight, lse, loss = ctx.saved_tensors
+        hidden, weight, bias, tgt, token_weight, m, log_s, loss = ctx.saved_tensors
         ls, z_loss, softcap, precision = ctx.config
         need_h, need_w, need_b, _, need_tw = ctx.needs_input_grad[:5]
         n, h = hidden.shape
         v = weight.shape[0]
         bn, bv, bh = _blocks()
-        g = grad_out.float() * (tgt >= 0)
+        keep = tgt >= 0
+        # An ignored token's upstream gradient is never read: with "mean" over nothing it
+        # used to be 1/0 = inf, and inf * 0 made every gradient NaN.
+        g = torch.where(keep, grad_out.float(), 0.0)
         if token_weight is not None:
             g = g * token_weight.float()
-        coef = g * (1.0 + 2.0 * z_loss * lse)
+        coef = g * (1.0 + 2.0 * z_loss * (m + log_s)) if z_loss else g
         tcoef = g * (1.0 - ls)
         scoef = g * (ls / v)
         dev = hidden.device
@@ -382,14 +565,16 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         gb = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
         if n and (need_h or need_w or need_b):
             _flce_bwd_kernel[(triton.cdiv(n, bn), triton.cdiv(v, bv))](
-                hidden, weight, bias if bias is not None else hidden, tgt, lse, coef, tcoef,
-                scoef, gh if need_h else lse, gw if need_w else lse, gb if need_b else lse,
+                hidden, weight, bias if bias is not None else hidden, tgt, m, log_s, coef,
+                tcoef, scoef, gh if need_h else m, gw if need_w else m, gb if need_b else m,
                 n, v, h, hidden.stride(0), hidden.stride(1), weight.stride(0),
                 weight.stride(1), float(softcap) if softcap is not None else 1.0,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 NEED_GH=bool(need_h), NEED_GW=bool(need_w), NEED_GB=bool(need_b),
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, PRECISION=precision)
-        grad_tw = (grad_out.float() * loss).to(token_weight.dtype) if need_tw else None
+        grad_tw = None
+        if need_tw:
+            grad_tw = torch.where(keep, grad_out.float() * loss, 0.0).to(token_weight.dtype)
         return (gh.to(hidden.dtype) if need_h else None,
                 gw.to(weight.dtype) if need_w else None,
                 gb.to(bias.dtype) if need_b else None,
@@ -439,6 +624,17 @@ def fused_linear_cross_entropy(
     not counted; "mean" divides the weighted sum by `normalizer` (default: the number of
     non-ignored tokens; pass a global count for gradient accumulation / data parallelism).
 
+    Ignored rows and empty reductions follow one rule on every path (reference, chunked,
+    Triton; stated in full in the reference's docstring): an ignored token contributes 0
+    to the loss and to every gradient even if its hidden row is NaN/inf; with nothing
+    counted "sum" is 0, "none" zeros, and "mean" (default normalizer) NaN as
+    F.cross_entropy, with all-zero gradients; NaN appears only where a counted token's
+    logits are non-finite.
+
+    Paths on CPU: reduction "sum"/"mean" computes the gradients during the forward pass
+    (ChunkedLinearCrossEntropySum: 3 matmuls, as the naive loss); "none" recomputes the
+    logits in backward (ChunkedLinearCrossEntropy: 4 matmuls).
+
     Args:
         hidden: (N, H) float16/bfloat16/float32/float64.
         weight: (V, H) same dtype and device.
@@ -453,8 +649,8 @@ def fused_linear_cross_entropy(
         normalizer: positive float or scalar tensor, reduction="mean" only.
         impl: "auto" (triton on CUDA, chunked otherwise) | "torch" (the reference, N x V) |
             "chunked" (PyTorch, chunks of rows) | "triton" (raises if it cannot run).
-        chunk_size: rows per chunk for impl="chunked" (default: 2**21 // V, i.e. one
-            (C, V) fp32 buffer <= 8 MiB).
+        chunk_size: rows per chunk for impl="chunked" (default: default_chunk_size, a
+            32 MiB (C, V) fp32 buffer but at least 256 rows).
 
     Returns:
         Scalar (or (N,) for "none"); float32 for half inputs, else the input dtype.
@@ -469,8 +665,19 @@ def fused_linear_cross_entropy(
             hidden, weight, target, bias=bias, token_weight=token_weight,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, reduction=reduction, normalizer=normalizer)
+    keep = target != ignore_index
     if kind == "chunked":
         chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+        if reduction != "none":
+            grad_on = torch.is_grad_enabled()
+            need = tuple(grad_on and t is not None and t.requires_grad
+                         for t in (hidden, weight, bias))
+            denominator, nan_if_empty = (mean_denominator(keep, normalizer)
+                                         if reduction == "mean" else (None, None))
+            loss = ChunkedLinearCrossEntropySum.apply(
+                hidden, weight, bias, target, token_weight, ignore_index, label_smoothing,
+                z_loss, softcap, chunk, denominator, need)
+            return loss if nan_if_empty is None else loss + nan_if_empty.to(loss.dtype)
         per_token = ChunkedLinearCrossEntropy.apply(
             hidden, weight, bias, target, token_weight, ignore_index, label_smoothing,
             z_loss, softcap, chunk)
@@ -478,11 +685,4 @@ def fused_linear_cross_entropy(
         per_token = TritonLinearCrossEntropy.apply(
             hidden, weight, bias, target, token_weight, ignore_index, label_smoothing,
             z_loss, softcap)
-    if reduction == "none":
-        return per_token
-    total = per_token.sum()
-    if reduction == "sum":
-        return total
-    if normalizer is None:
-        normalizer = (target != ignore_index).sum()
-    return total / normalizer
+    return reduce_per_token(per_token, keep, reduction, normalizer)

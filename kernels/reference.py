@@ -56,10 +56,29 @@ def fused_linear_cross_entropy_reference(
 
     Ignored tokens have out_i = 0 and are not counted. Reductions:
     "none" -> out (N,); "sum" -> sum_i out_i; "mean" -> sum_i out_i / normalizer, where the
-    normalizer defaults to the number of non-ignored tokens (NaN when that is 0, as
-    F.cross_entropy). Pass a global token count as normalizer so that summing the losses of
-    micro-batches (or ranks) gives the global mean. Weights do not renormalise the mean:
-    sum_i w_i l_i is divided by the token count, not by sum_i w_i.
+    normalizer defaults to the number of non-ignored tokens. Pass a global token count as
+    normalizer so that summing the losses of micro-batches (or ranks) gives the global mean.
+    Weights do not renormalise the mean: sum_i w_i l_i is divided by the token count, not by
+    sum_i w_i.
+
+    Ignored rows and empty reductions (the same rule in every implementation: this
+    reference, the chunked path and the Triton path):
+      * an ignored token contributes exactly 0 to the loss and to every gradient (hidden,
+        weight, bias, token_weight), whatever its hidden row holds: a NaN or inf there does
+        not leak (its row never enters the logits). F.cross_entropy differs here: a NaN
+        logit row with an ignored target gives a NaN gradient row (log_softmax's backward
+        computes 0 * NaN), which then spreads into grad_weight.
+      * nothing counted (every target ignored, or N = 0): "sum" is 0, "none" is zeros, and
+        "mean" with the default normalizer returns NaN (0 / 0, as F.cross_entropy), while
+        every gradient is exactly 0 (as F.cross_entropy's): the NaN is added as a constant
+        and the 0 / 0 never reaches autograd.
+      * NaN/inf appears in the loss and gradients only where a counted token's logits are
+        non-finite (or the weight/bias, which every counted token uses).
+
+    Precision: the per-token terms come from log_softmax (logits minus their row maximum,
+    minus log of the sum), so at extreme logits (|z| in the thousands, where fp32 spacing
+    is 2^-12 or coarser) the loss and gradients are as accurate as F.cross_entropy's;
+    lse - z_t would lose the spacing of lse.
 
     With token_weight=None, z_loss=0 and softcap=None this is exactly
     F.cross_entropy(logits, target, ignore_index=..., label_smoothing=..., reduction=...).
@@ -78,26 +97,55 @@ def fused_linear_cross_entropy_reference(
     check_flce_inputs(hidden, weight, target, bias, token_weight, ignore_index,
                       label_smoothing, z_loss, softcap, reduction, normalizer)
     dtype = acc_dtype(hidden.dtype)
+    keep = target != ignore_index
+    # Ignored rows are zeroed before the matmul, so a non-finite value there cannot reach
+    # the logits (nor, through 0 * NaN, any gradient).
+    hidden = torch.where(keep[:, None], hidden, hidden.new_zeros(()))
     logits = F.linear(hidden, weight, bias).to(dtype)  # (N, V): the memory this file spends
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    keep = target != ignore_index
     safe_target = torch.where(keep, target, torch.zeros_like(target)).long()
-    lse = torch.logsumexp(logits, dim=-1)
-    ce = lse - logits.gather(1, safe_target[:, None])[:, 0]
-    smooth = lse - logits.mean(dim=-1)
-    per_token = (1.0 - label_smoothing) * ce + label_smoothing * smooth + z_loss * lse.square()
+    log_p = F.log_softmax(logits, dim=-1)  # (N, V)
+    ce = -log_p.gather(1, safe_target[:, None])[:, 0]
+    per_token = (1.0 - label_smoothing) * ce
+    if label_smoothing:
+        per_token = per_token - label_smoothing * log_p.mean(dim=-1)
+    if z_loss:
+        per_token = per_token + z_loss * torch.logsumexp(logits, dim=-1).square()
     if token_weight is not None:
         per_token = per_token * token_weight.to(dtype)
     per_token = torch.where(keep, per_token, torch.zeros_like(per_token))
+    return reduce_per_token(per_token, keep, reduction, normalizer)
+
+
+def reduce_per_token(per_token: torch.Tensor, keep: torch.Tensor, reduction: str,
+                     normalizer: float | torch.Tensor | None) -> torch.Tensor:
+    """Apply `reduction` to per-token losses (N,) that are already 0 where ~keep.
+
+    Shared by every implementation so the rule is written once (see mean_denominator).
+    """
     if reduction == "none":
         return per_token
     total = per_token.sum()
     if reduction == "sum":
         return total
-    if normalizer is None:
-        normalizer = keep.sum()
-    return total / normalizer
+    denominator, nan_if_empty = mean_denominator(keep, normalizer)
+    total = total / denominator
+    return total if nan_if_empty is None else total + nan_if_empty.to(total.dtype)
+
+
+def mean_denominator(keep: torch.Tensor, normalizer: float | torch.Tensor | None):
+    """(denominator, nan_if_empty) of reduction="mean": loss = sum / denominator (+ nan_if_empty).
+
+    Without a normalizer the denominator is the count of kept tokens, clamped to >= 1, and
+    nan_if_empty is a constant tensor that is NaN when that count is 0 and 0 otherwise: the
+    loss is then NaN (as F.cross_entropy) while the gradient reaching the per-token losses
+    is 0 (a plain sum / 0 would send 1/0 = inf, and inf * 0 = NaN, into every gradient).
+    """
+    if normalizer is not None:
+        return normalizer, None
+    count = keep.sum()
+    return count.clamp(min=1), torch.where(count > 0, 0.0, float("nan"))
 
 
 def contrastive_loss_reference(

@@ -114,7 +114,8 @@ def test_float_normalizer_equals_tensor_normalizer():
     torch.testing.assert_close(a, s / 123.0)
 
 
-def test_chunked_saves_no_n_by_v_tensor():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_saves_no_n_by_v_tensor(reduction):
     n, v = 256, 512
     hidden, weight, target, _, _ = make_flce_inputs(n, 16, v, dtype=torch.float32)
     hidden.requires_grad_(True)
@@ -122,13 +123,17 @@ def test_chunked_saves_no_n_by_v_tensor():
     saved_chunked, saved_naive = [], []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_chunked.append(t.numel()) or t,
                                                   lambda t: t):
-        loss = fused_linear_cross_entropy(hidden, weight, target, impl="chunked", chunk_size=32)
+        loss = fused_linear_cross_entropy(hidden, weight, target, impl="chunked", chunk_size=32,
+                                          reduction=reduction)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_naive.append(t.numel()) or t,
                                                   lambda t: t):
-        naive = fused_linear_cross_entropy(hidden, weight, target, impl="torch")
+        naive = fused_linear_cross_entropy(hidden, weight, target, impl="torch",
+                                           reduction=reduction)
     # The probe sees the reference's N x V logits, so it would catch the chunked path.
     assert max(saved_naive) >= n * v
-    assert max(saved_chunked) == v * 16  # the weight itself; statistics are (N,)
+    # "none": the inputs and (N,) statistics; "mean": (N,) losses only (its gradients,
+    # computed in forward, are the outputs of backward, held on ctx).
+    assert max(saved_chunked) == (v * 16 if reduction == "none" else n)
     torch.testing.assert_close(loss, naive)
 
 
