@@ -12,6 +12,15 @@ not be ``bash`` or ``interactive``, or Lightning ignores SLURM.
 Every task must write into the same run directory: the script fixes ``output_dir`` (Hydra's
 default is a time stamp, which differs between tasks started a second apart) and gives each
 task its own Hydra log directory.
+
+Time limits and preemption: ``#SBATCH --signal=USR1@<launch.signal_seconds>`` (no ``B:``
+prefix) makes SLURM send SIGUSR1 to every task of the job's steps -- the training processes,
+since each task ``exec``s python -- that many seconds before the time limit. With ``B:`` only
+the batch shell would get it (and, without a trap, die of it) while srun's tasks never would.
+`pipeline.preemption` saves a complete checkpoint at the next optimizer step and rank zero
+runs ``scontrol requeue``; ``--requeue`` allows that on clusters whose default is no requeue,
+``--open-mode=append`` keeps the log of the earlier attempt, and the tasks pass
+``ckpt_path=last`` (unless the overrides name a checkpoint) so the requeued job resumes.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from pipeline.batch_geometry import BatchGeometry
 
 # Overrides the script sets itself (from the config), removed from the user's list.
 _SCRIPT_KEYS = ("trainer.num_nodes", "trainer.devices", "output_dir", "hydra.run.dir")
+DEFAULT_SIGNAL_SECONDS = 120
 _RESERVED_JOB_NAMES = ("bash", "interactive")  # Lightning's SLURM detection skips these
 
 
@@ -100,6 +110,11 @@ def sbatch_script(cfg: DictConfig, overrides: Sequence[str], config_digest: str 
     if job.gpus_per_node:
         directives.append(f"--gpus-per-node={job.gpus_per_node}")
     directives.append(f"--cpus-per-task={job.cpus_per_task}")
+    signal_seconds = launch.get("signal_seconds", DEFAULT_SIGNAL_SECONDS)
+    if signal_seconds:  # null or 0: no warning signal (the job then ends at its time limit unsaved)
+        # Every task of the job steps (not "B:", the batch shell only): see the module docstring.
+        directives += [f"--signal=USR1@{_positive_int(signal_seconds, 'launch.signal_seconds')}",
+                       "--requeue", "--open-mode=append"]
     for key, flag in (("mem", "mem"), ("time", "time"), ("partition", "partition"),
                       ("account", "account"), ("qos", "qos"), ("log_file", "output")):
         if launch.get(key) not in (None, ""):
@@ -109,6 +124,8 @@ def sbatch_script(cfg: DictConfig, overrides: Sequence[str], config_digest: str 
     run_dir = cfg.get("output_dir") or f"{launch.run_root}/{job.job_name}-${{SLURM_JOB_ID}}"
     python_args = [*shlex.split(str(launch.python)), "-m", "pipeline.train",
                    *training_overrides(overrides),
+                   # A requeued job reruns this script: it must continue from the last checkpoint.
+                   *([] if cfg.get("ckpt_path") else ["ckpt_path=last"]),
                    f"trainer.num_nodes={job.nodes}", f"trainer.devices={job.tasks_per_node}"]
     # Expanded by each task's shell: the run dir is shared, Hydra's log dir is per rank.
     per_task = (" ".join(shlex.quote(a) for a in python_args)

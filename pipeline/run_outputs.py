@@ -19,6 +19,7 @@ from pipeline.atomic import atomic_write_json
 from pipeline.checkpointing import AtomicModelCheckpoint
 from pipeline.elastic import AlignBatchProgress, ConsumedExamplesLog, RankAgreement
 from pipeline.metrics import source_key
+from pipeline.preemption import Preemption
 
 # Keys that say where a run lives, not what it computes: left out of the digest.
 _PLACE_KEYS = ("output_dir", "ckpt_path", "resume", "cache_dir", "progress", "launch", "record_consumed")
@@ -85,6 +86,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, identity: dict[str, Any] 
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     callbacks.append(RankAgreement(config_digest(cfg), identity))
     callbacks.append(AlignBatchProgress())
+    callbacks.append(Preemption())  # SIGUSR1/SIGTERM: checkpoint at the next step, stop (requeue under SLURM)
     if cfg.get("record_consumed"):
         callbacks.append(ConsumedExamplesLog(output_dir / "consumed"))
     return callbacks
@@ -116,8 +118,9 @@ def _float(value) -> float:
 
 def results_record(cfg: DictConfig, trainer, model, datamodule, status: str, wall_time: float) -> dict[str, Any]:
     """Everything sweeps and scaling fits read about a run (same on every rank)."""
-    completed = status == "completed"
-    # compute() synchronises across ranks: only when every rank got here normally.
+    completed = status == "completed" or status.startswith("preempted")
+    # compute() synchronises across ranks: only when every rank got here normally (a
+    # preemption stops every rank at the same step, after an all-reduced decision).
     tokens = (model.seen_tokens.per_source()[0] if completed else model.seen_tokens.sums).reshape(-1)
     rows = (model.seen_rows.per_source()[0] if completed else model.seen_rows.sums).reshape(-1)
     metrics = {k: _float(v) for k, v in trainer.callback_metrics.items()}

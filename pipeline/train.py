@@ -25,6 +25,7 @@ from pipeline.checkpointing import AtomicCheckpointIO, check_resume_identity, re
 from pipeline.datamodule import datamodule_from_config
 from pipeline.image_text import image_text_datamodule_from_config, is_image_text
 from pipeline.mixing.report import build_report, format_report
+from pipeline.preemption import Preempted, cluster_plugins
 from pipeline.prepare import prepare
 from pipeline.run_outputs import (
     build_callbacks,
@@ -111,8 +112,9 @@ def train(cfg: DictConfig) -> dict:
     trainer = pl.Trainer(
         **trainer_args,
         strategy=strategy,
-        # Sharded (DeepSpeed) checkpoints are directories staged by the checkpoint callback.
-        plugins=None if is_sharded(strategy) else [AtomicCheckpointIO()],
+        # Sharded (DeepSpeed) checkpoints are directories staged by the checkpoint callback;
+        # under SLURM, Lightning's auto-requeue is off (pipeline/preemption.py saves instead).
+        plugins=[*cluster_plugins(), *([] if is_sharded(strategy) else [AtomicCheckpointIO()])] or None,
         logger=logger,
         callbacks=build_callbacks(cfg, output_dir, identity),
         max_steps=max_steps,
@@ -128,6 +130,9 @@ def train(cfg: DictConfig) -> dict:
     status = "completed"
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Preempted as stop:  # a signal: complete checkpoint saved, exit status 1
+        status = f"preempted: checkpoint at step {stop.step}"
+        raise
     except BaseException as error:
         status = f"failed: {type(error).__name__}: {error}"
         raise

@@ -22,6 +22,8 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
+from pipeline.batch_geometry import geometry_for_trainer, geometry_from_config
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "make_sbatch.py"
 JOB = ["experiment=demo", "trainer=gpu", "strategy=deepspeed_zero3", "trainer.num_nodes=2",
@@ -85,7 +87,35 @@ def test_directives_match_the_trainer_config(generated):
     assert directives[:5] == ["--job-name=lm-zero3", "--nodes=2", "--ntasks-per-node=8",
                               "--gpus-per-node=8", "--cpus-per-task=6"]
     assert "--partition=gpu" in directives
+    # Preemption: SIGUSR1 120 s before the time limit to every task of the steps (no "B:",
+    # which would signal only the batch shell), requeue allowed, the log appended to.
+    assert {"--signal=USR1@120", "--requeue", "--open-mode=append"} <= set(directives)
+    assert "bash -c 'exec python -m pipeline.train" in script  # the task *is* python: it gets the signal
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid bash
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ([], ["--signal=USR1@120", "--requeue", "--open-mode=append"]),
+    (["launch.signal_seconds=600"], ["--signal=USR1@600", "--requeue", "--open-mode=append"]),
+    (["launch.signal_seconds=0"], []),
+])
+def test_signal_seconds_sets_the_warning_signal(setting, expected):
+    from pipeline.launch import sbatch_script
+
+    overrides = ["experiment=demo", "trainer.devices=2", *setting]
+    script = sbatch_script(_compose(["launch=slurm", *overrides]), overrides)
+    directives = re.findall(r"^#SBATCH (\S+)$", script, flags=re.M)
+    assert [d for d in directives if d.split("=")[0] in ("--signal", "--requeue", "--open-mode")] == expected
+
+
+def test_requeued_tasks_resume_from_the_last_checkpoint():
+    from pipeline.launch import sbatch_script
+
+    overrides = ["experiment=demo", "trainer.devices=2"]
+    assert " ckpt_path=last " in sbatch_script(_compose(["launch=slurm", *overrides]), overrides)
+    overrides.append("ckpt_path=/runs/a/checkpoints/step000100.ckpt")  # the user's choice is kept
+    script = sbatch_script(_compose(["launch=slurm", *overrides]), overrides)
+    assert "ckpt_path=last" not in script and "ckpt_path=/runs/a/checkpoints/step000100.ckpt" in script
 
 
 def test_simulated_srun_tasks_give_lightning_world_16_and_their_ranks(generated, tmp_path, monkeypatch):
@@ -109,6 +139,7 @@ def test_simulated_srun_tasks_give_lightning_world_16_and_their_ranks(generated,
         assert f"hydra.run.dir={tmp_path / 'runs' / 'lm-zero3-4242'}/hydra/rank{rank}".replace(
             str(tmp_path) + "/", "") in overrides  # per-rank Hydra logs, shared run dir
         assert "output_dir=runs/lm-zero3-4242" in overrides
+        assert "ckpt_path=last" in overrides  # a requeued job continues from checkpoints/last.json
         assert not any(o.startswith("launch") for o in overrides)
         cfg = _compose([o for o in overrides if not o.startswith("hydra.")])
         assert cfg.strategy.stage == 3 and list(cfg.sources.exclude) == ["glv", "iku"]
@@ -133,7 +164,7 @@ def test_simulated_srun_tasks_give_lightning_world_16_and_their_ranks(generated,
         assert environment.main_port == 15000 + 4242
         _validate_at_launch(trainer)  # what Lightning checks when fit() starts: no error
         # The job's global batch splits evenly: 64 / (16 ranks x 2) = 2 micro-batches per step.
-        assert cfg.run.global_batch_size // (trainer.world_size * cfg.loader.micro_batch_size) == 2
+        assert geometry_for_trainer(cfg, trainer.world_size, geometry_from_config(cfg)).accumulation == 2
 
 
 def test_ranks_refuse_a_job_whose_tasks_per_node_differ_from_devices(monkeypatch, compose_config):
