@@ -138,6 +138,11 @@ def check_contrastive_inputs(
         raise ValueError(f"image has dtype {image.dtype} but text has {text.dtype}")
     if image.device != text.device:
         raise ValueError(f"image is on {image.device} but text is on {text.device}")
+    if image.shape[0] == 0:
+        # Checked here, not left to the kernels: softmax would fail inside the fused
+        # cross-entropy naming its internal arguments, sigmoid would return 0 / 0 = NaN.
+        raise ValueError(f"image and text features are empty (B=0, shape "
+                         f"{tuple(image.shape)}): a contrastive loss needs at least one pair")
     if kind not in ("softmax", "sigmoid"):
         raise ValueError(f"kind={kind!r} is not 'softmax' or 'sigmoid'")
     for name, s in (("logit_scale", logit_scale), ("logit_bias", logit_bias)):

@@ -20,7 +20,9 @@ from kernels import contrastive_loss, fused_linear_cross_entropy  # noqa: E402
 from kernels.fused_linear_cross_entropy import triton_interpreted  # noqa: E402
 from kernels.testing import (  # noqa: E402
     check_contrastive_accuracy,
+    check_extreme_logits_accuracy,
     check_flce_accuracy,
+    check_ignored_rows_rule,
     make_flce_inputs,
 )
 
@@ -85,6 +87,20 @@ def test_triton_micro_batches_with_global_normalizer_equal_full_batch():
     torch.testing.assert_close(parts[0][0] + parts[1][0], full[0])
     torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]), full[1])
     torch.testing.assert_close(parts[0][2] + parts[1][2], full[2])
+
+
+def test_triton_ignored_rows_and_empty_reductions_rule():
+    # Every target ignored with "mean" used to give 1/0 = inf upstream and NaN gradients
+    # everywhere; a NaN in an ignored row used to make grad_weight all NaN.
+    check_ignored_rows_rule(fused_linear_cross_entropy, **TINY, impl="triton")
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_triton_extreme_logits_no_worse_than_f_cross_entropy(reduction, label_smoothing):
+    check_extreme_logits_accuracy(fused_linear_cross_entropy, n=37, h=16, v=71,
+                                  reduction=reduction, label_smoothing=label_smoothing,
+                                  impl="triton")
 
 
 @pytest.mark.parametrize("weights", [False, True])

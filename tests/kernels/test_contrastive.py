@@ -137,6 +137,11 @@ def _bad_contrastive():
          "logit_bias must be a scalar"),
         ((x, y), dict(logit_scale=1.0, kind="sigmoid", logit_bias=torch.tensor(float("nan"))),
          "logit_bias must be finite"),
+        # B = 0: softmax used to fail naming the fused CE's internals ("weight has V = 0
+        # rows"), sigmoid returned NaN.
+        ((x[:0], y[:0]), dict(logit_scale=1.0), r"image and text features are empty \(B=0"),
+        ((x[:0], y[:0]), dict(logit_scale=1.0, kind="sigmoid", logit_bias=-1.0),
+         r"image and text features are empty \(B=0"),
     ]
 
 

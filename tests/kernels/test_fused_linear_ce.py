@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
-from kernels.fused_linear_cross_entropy import triton_interpreted
+from kernels.fused_linear_cross_entropy import default_chunk_size, triton_interpreted
 from kernels.testing import (
     assert_no_worse_than_torch,
+    check_extreme_logits_accuracy,
     check_flce_accuracy,
+    check_ignored_rows_rule,
     flce_outputs,
     make_flce_inputs,
 )
@@ -71,6 +73,94 @@ def test_custom_ignore_index_and_all_ignored():
     assert fused_linear_cross_entropy(hidden, weight, target, reduction="sum").item() == 0.0
     assert not fused_linear_cross_entropy(hidden, weight, target, reduction="none").any()
     assert torch.isnan(fused_linear_cross_entropy(hidden, weight, target))
+
+
+@pytest.mark.parametrize("impl,kwargs", [
+    ("torch", {}),
+    ("chunked", {}),
+    ("chunked", dict(chunk_size=5)),  # many chunks, the last one ragged
+])
+def test_ignored_rows_and_empty_reductions_rule(impl, kwargs):
+    # The rule of kernels/reference.py's docstring; the Triton path runs the same check in
+    # tests/kernels/interpret_cases.py.
+    check_ignored_rows_rule(fused_linear_cross_entropy, impl=impl, **kwargs)
+
+
+def test_nan_in_ignored_row_leaks_in_f_cross_entropy_but_not_here():
+    # Why the rule is stated: plain PyTorch spreads an ignored row's NaN into grad_weight.
+    hidden, weight, target, _, _ = make_flce_inputs(20, 8, 30, dtype=torch.float32)
+    hidden[0] = float("nan")  # target[0] is ignored (every 5th)
+    assert target[0] == -100
+    w = weight.clone().requires_grad_(True)
+    torch_grad = torch.autograd.grad(F.cross_entropy(hidden @ w.T, target), w)[0]
+    assert bool(torch.isnan(torch_grad).all())
+    for impl in ("torch", "chunked"):
+        w = weight.clone().requires_grad_(True)
+        loss = fused_linear_cross_entropy(hidden, w, target, impl=impl)
+        assert bool(torch.isfinite(torch.autograd.grad(loss, w)[0]).all()), impl
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_extreme_logits_no_worse_than_f_cross_entropy(impl, reduction, label_smoothing):
+    # |z| up to several thousand; the oracle is F.cross_entropy in float64 on the same
+    # (exactly representable) logits, not kernels/reference.py.
+    check_extreme_logits_accuracy(fused_linear_cross_entropy, n=423, h=16, v=1013,
+                                  reduction=reduction, label_smoothing=label_smoothing,
+                                  impl=impl, chunk_size=100)
+
+
+def test_extreme_logits_check_catches_the_lse_formula():
+    # The formula the kernels used before (p = exp(z - lse), CE = lse - z_t) was 30-500x
+    # less accurate than F.cross_entropy at |z| ~ 3000; the check must reject it.
+    def lse_formula(hidden, weight, target, *, reduction, bias=None, token_weight=None,
+                    label_smoothing=0.0):
+        z = hidden @ weight.T
+        keep = target != -100
+        lse = torch.logsumexp(z, dim=1)
+        ce = lse - z.gather(1, target.clamp(min=0)[:, None])[:, 0]
+        per_token = torch.where(keep, ce, 0.0)
+        return per_token if reduction == "none" else per_token.sum() / keep.sum()
+
+    with pytest.raises(AssertionError, match="grad_hidden"):
+        check_extreme_logits_accuracy(lse_formula, n=423, h=16, v=1013, reduction="mean")
+
+
+def test_default_chunk_size_has_a_byte_budget_and_a_row_floor():
+    assert default_chunk_size(4096, 32000) == 262  # 32 MiB of fp32 logits
+    assert default_chunk_size(4096, 65536) == 256  # the floor: 64 MiB
+    assert default_chunk_size(4096, 262144) == 256
+    assert default_chunk_size(10**6, 8192) == 1024
+    assert default_chunk_size(100, 65536) == 100  # never more rows than there are
+    assert default_chunk_size(0, 10) == 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sum_path_scales_by_upstream_gradient_and_skips_frozen_inputs(reduction):
+    # Gradients are formed in forward; backward multiplies them by the upstream factor.
+    hidden, weight, target, bias, tw = make_flce_inputs(**ODD, bias=True, weights=True)
+    opts = dict(token_weight=tw.clone().requires_grad_(True), reduction=reduction,
+                label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    outs = []
+    for impl in ("torch", "chunked"):
+        h = hidden.clone().requires_grad_(True)  # weight and bias frozen
+        loss = fused_linear_cross_entropy(h, weight, target, bias=bias, impl=impl, **opts)
+        outs.append(torch.autograd.grad(-2.5 * loss, [h, opts["token_weight"]]))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_sum_path_no_grad_and_second_backward():
+    hidden, weight, target, _, _ = make_flce_inputs(50, 8, 30)
+    h = hidden.clone().requires_grad_(True)
+    with torch.no_grad():
+        value = fused_linear_cross_entropy(h, weight, target, impl="chunked")
+    loss = fused_linear_cross_entropy(h, weight, target, impl="chunked")
+    assert value.item() == loss.item()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("weights", [False, True])
