@@ -1,9 +1,12 @@
 """Per-source metrics, synchronised across ranks (torchmetrics sum states).
 
-Names follow `stage/name[/source]`: ``val/loss/lang=swh``, ``data/tokens/lang=swh``.
+Names follow `stage/name[/source]`: ``val/loss/lang=swh``, ``data/tokens/lang=swh``,
+``val/chrf/lang=deu-eng`` (chrF per parallel source, sacrebleu, 0-100, not chrF++).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
@@ -43,3 +46,35 @@ class PerSourceSum(Metric):
 def source_key(name: str) -> str:
     """The metric suffix of a source: ``lang=swh`` (parallel sources: ``lang=deu-eng``)."""
     return f"lang={name}"
+
+
+# chrF as sacrebleu computes it: character n-grams up to 6, no word n-grams (chrF, not
+# chrF++), recall weighted by beta = 2, on a 0-100 scale.
+CHRF_CHAR_ORDER, CHRF_WORD_ORDER, CHRF_BETA = 6, 0, 2
+
+
+def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """sacrebleu's corpus chrF (0-100, not chrF++) of hypotheses against one reference each.
+
+    Statistics are summed over every sentence, empty and zero-overlap hypotheses included
+    (torchmetrics 1.9's CHRFScore drops zero-overlap sentences, inflating the score).
+    """
+    from sacrebleu.metrics import CHRF
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"chrF: {len(hypotheses)} hypotheses for {len(references)} references")
+    metric = CHRF(char_order=CHRF_CHAR_ORDER, word_order=CHRF_WORD_ORDER, beta=CHRF_BETA)
+    return float(metric.corpus_score(list(hypotheses), [list(references)]).score)
+
+
+def gather_objects(items: list) -> list:
+    """Every rank's `items` concatenated (rank order), on every rank; `items` itself when not
+    distributed. A collective: every rank must call it (DDP and DeepSpeed both initialise
+    torch.distributed, so Lightning's strategies need nothing else)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]

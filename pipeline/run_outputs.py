@@ -142,6 +142,8 @@ def results_record(cfg: DictConfig, trainer, model, datamodule, status: str, wal
             "final_loss_weight": plan.weight(name),
             "val_loss": metrics.get(f"val/loss/{key}", math.nan),
             "val_ppl": metrics.get(f"val/ppl/{key}", math.nan),
+            # chrF of this source's decoded held-out rows (sacrebleu chrF, 0-100, not chrF++),
+            # logged per source by the LM; NaN for sources without translation rows.
             "val_chrf": metrics.get(f"val/chrf/{key}", math.nan),
         }
     return {
@@ -170,10 +172,12 @@ def write_results(path: Path, record: dict[str, Any]) -> None:
 
 
 def format_results_table(record: dict[str, Any]) -> str:
-    """Per-source table printed at the end of a run."""
+    """Per-source table printed at the end of a run. A chrF column (sacrebleu chrF, 0-100, not
+    chrF++; `val/chrf/lang=<source>`) appears when any source is parallel or has a score;
+    sources without one show '-'."""
     sources = record["sources"]
     width = max(8, *(len(n) for n in sources))
-    has_chrf = any(not math.isnan(s["val_chrf"]) for s in sources.values())
+    has_chrf = any(s.get("kind") == "parallel" or not math.isnan(_float(s.get("val_chrf"))) for s in sources.values())
     header = (f"{'source':<{width}} {'docs':>7} {'samples':>8} {'tokens':>9} {'epochs':>7} "
               f"{'val loss':>9} {'val ppl':>9}" + (f" {'chrF':>6}" if has_chrf else ""))
     lines = [f"Run {record['status']}: {record['global_steps']} steps, {record['num_parameters']:,} "
@@ -182,7 +186,8 @@ def format_results_table(record: dict[str, Any]) -> str:
         line = (f"{name:<{width}} {s['documents_train']:7d} {s['samples_seen']:8.0f} {s['tokens_seen']:9.0f} "
                 f"{s['epochs']:7.2f} {s['val_loss']:9.3f} {s['val_ppl']:9.1f}")
         if has_chrf:
-            line += f" {s['val_chrf']:6.1f}"
+            chrf = _float(s.get("val_chrf"))
+            line += f" {chrf:6.1f}" if not math.isnan(chrf) else f" {'-':>6}"
         lines.append(line)
     overall = record["metrics"]
     lines.append(f"val/loss (token-weighted) {overall.get('val/loss', math.nan):.3f}; "

@@ -7,24 +7,30 @@ parallelism averages gradients over ranks, so each micro-batch returns
 exactly the gradient of the global objective. Logged ``train/loss`` is the objective itself.
 
 Metrics: per-source validation loss and perplexity, tokens and rows seen per source,
-mixture probabilities and epochs per source (from the sampler), and chrF per target
-language from greedy decoding of held-out translation rows.
+mixture probabilities and epochs per source (from the sampler), and chrF per parallel
+source from greedy decoding of held-out translation rows.
+
+chrF is sacrebleu's corpus chrF (character 6-grams, no word n-grams: chrF, not chrF++;
+beta 2; 0-100) over the hypothesis and reference strings of every rank (gathered, so one
+process, DDP and DeepSpeed score the same rows). ``val/chrf/lang=deu-eng`` counts every
+decoded row of source ``deu-eng``, both directions when ``loader.direction=both``;
+``val/chrf/lang=deu-eng/to=deu`` and ``.../to=eng`` split it by target language.
 """
 
 from __future__ import annotations
 
 import math
+from enum import Enum
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from torchmetrics.text import CHRFScore
 
 from pipeline.examples import IGNORE_INDEX
 from pipeline.losses import LossConfig, TokenLossHead
-from pipeline.metrics import PerSourceSum, source_key
+from pipeline.metrics import PerSourceSum, corpus_chrf, gather_objects, source_key
 from pipeline.models.optim import adamw_with_schedule, check_schedule
 from pipeline.models.transformer import DecoderOnlyTransformer, TransformerConfig
 
@@ -51,7 +57,8 @@ class LanguageModel(pl.LightningModule):
         schedule: warmup_steps, name (cosine | linear | constant), min_lr_ratio.
         loss: LossConfig fields (impl, label_smoothing, z_loss).
         total_steps: planned optimizer steps (for the schedule).
-        translation_eval: {examples_per_source, max_new_tokens} for chrF (0 disables).
+        translation_eval: {examples_per_source, max_new_tokens} for chrF (0 disables): the
+            first `examples_per_source` held-out rows of each parallel source are decoded.
         tokenizer_path: tokenizer to decode with for chrF (None: no chrF).
     """
 
@@ -60,6 +67,9 @@ class LanguageModel(pl.LightningModule):
                  target_languages: list[str] | None = None, translation_eval: dict | None = None,
                  tokenizer_path: str | None = None):
         super().__init__()
+        # Plain strings in the saved hyperparameters: the composed config's enum values
+        # (pipeline.config_schema.LossImpl) would tie checkpoints to that class.
+        loss = {k: v.value if isinstance(v, Enum) else v for k, v in dict(loss).items()}
         self.save_hyperparameters()
         self.sources = list(sources)
         self.model = DecoderOnlyTransformer(TransformerConfig(vocab_size=vocab_size, **transformer))
@@ -71,7 +81,8 @@ class LanguageModel(pl.LightningModule):
         self.seen_rows = PerSourceSum(num)
         self.source_kinds = list(source_kinds or ["mono"] * num)
         self.target_languages = list(target_languages or [])
-        self.chrf = torch.nn.ModuleDict({lang: CHRFScore() for lang in self.target_languages})
+        # (source index, target language, hypothesis, reference) decoded this validation pass.
+        self._translations: list[tuple[int, str, str, str]] = []
         self.translation_eval = dict(translation_eval or {})
         self._tokenizer_path = tokenizer_path
         self._tokenizer = None
@@ -233,6 +244,9 @@ class LanguageModel(pl.LightningModule):
         if self.target_languages and self.translation_eval.get("examples_per_source", 0) > 0:
             self._translate_and_score(batch)
 
+    def on_validation_epoch_start(self) -> None:
+        self._translations = []  # an interrupted pass must not leak rows into the next
+
     def on_validation_epoch_end(self) -> None:
         sums, counts = self.val_loss.per_source()
         self.val_loss.reset()
@@ -248,17 +262,24 @@ class LanguageModel(pl.LightningModule):
             metrics["val/loss"] = float(sums.sum() / counts.sum())  # token-weighted
             metrics["val/loss_macro"] = sum(per_source) / len(per_source)  # every source equal
         if self.target_languages:
-            # Same collectives on every rank: count decoded rows per language everywhere.
-            decoded = torch.tensor([m.update_count for m in self.chrf.values()], device=self.device)
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(decoded)
-            for (lang, metric), count in zip(self.chrf.items(), decoded.tolist(), strict=True):
-                if count > 0:
-                    metrics[f"val/chrf/lang={lang}"] = float(metric.compute())
-                metric.reset()
+            metrics.update(self._chrf_metrics())
         self.log_dict(metrics, batch_size=1, sync_dist=False, rank_zero_only=True)
 
     # -- translation evaluation --------------------------------------------------------------
+    def _chrf_metrics(self) -> dict[str, float]:
+        """chrF per parallel source (and per source and target language) over every rank's
+        decoded rows. A collective: every rank calls it, with or without rows of its own."""
+        rows = gather_objects(self._translations)
+        self._translations = []
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for source, lang, hypothesis, reference in rows:
+            key = source_key(self.sources[source])
+            groups.setdefault(f"val/chrf/{key}", []).append((hypothesis, reference))
+            if lang:
+                groups.setdefault(f"val/chrf/{key}/to={lang}", []).append((hypothesis, reference))
+        return {name: corpus_chrf([h for h, _ in pairs], [r for _, r in pairs])
+                for name, pairs in sorted(groups.items())}
+
     def _decoder_tokenizer(self):
         if self._tokenizer is None and self._tokenizer_path is not None:
             from pipeline.tokenizer import Tokenizer
@@ -278,7 +299,7 @@ class LanguageModel(pl.LightningModule):
             return
         limit = self.translation_eval.get("examples_per_source", 4)
         max_new = self.translation_eval.get("max_new_tokens", 32)
-        prompts, references, languages = [], [], []
+        prompts, references, languages, sources = [], [], [], []
         for row in range(batch["input_ids"].shape[0]):
             source = int(batch["source_ids"][row])
             targets = batch["labels"][row] != IGNORE_INDEX
@@ -290,11 +311,11 @@ class LanguageModel(pl.LightningModule):
             prompts.append(batch["input_ids"][row, : first + 1].tolist())
             references.append(tokenizer.decode(batch["labels"][row][targets].tolist()[:-1]))  # no eos
             languages.append(self._target_language(prompts[-1][0], tokenizer))
+            sources.append(source)
         outputs = self.model.greedy_decode_batch(prompts or [[tokenizer.eos_id]], tokenizer.eos_id,
                                                  max_new, tokenizer.pad_id)
-        for hypothesis, reference, lang in zip(outputs, references, languages, strict=False):
-            if lang in self.chrf:
-                self.chrf[lang].update([tokenizer.decode(hypothesis)], [[reference]])
+        for hypothesis, reference, lang, source in zip(outputs, references, languages, sources, strict=False):
+            self._translations.append((source, lang, tokenizer.decode(hypothesis), reference))
 
     def _target_language(self, tag_id: int, tokenizer) -> str:
         for lang in self.target_languages:
