@@ -20,7 +20,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 120  # far more than the few steps a signal needs to land: the run must not finish first
+STEPS = 60  # far more than the few steps a signal needs to land: the run must not finish first
 RUN = ["experiment=demo", f"run.total_steps={STEPS}", "run.global_batch_size=2", "logger=none",
        "trainer.enable_progress_bar=false", "progress=false", "validation.documents_per_source=2",
        "checkpoint.every_n_steps=2", "model.schedule.warmup_steps=0"]
