@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import pipeline.config_schema  # noqa: F401  (registers base_config)
 from pipeline.batch_geometry import geometry_for_trainer, geometry_from_config
 from pipeline.checkpointing import AtomicCheckpointIO, check_resume_identity, resolve_checkpoint
+from pipeline.config_location import CONFIG_DIR
 from pipeline.datamodule import datamodule_from_config
 from pipeline.image_text import image_text_datamodule_from_config, is_image_text
 from pipeline.mixing.report import build_report, format_report
@@ -144,10 +145,15 @@ def train(cfg: DictConfig) -> dict:
     return record
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def _train_app(cfg: DictConfig) -> None:
     log.info("config digest %s", config_digest(cfg))
     train(cfg)
+
+
+def main() -> None:
+    """`python -m pipeline.train [overrides]` / `mixpipe-train [overrides]` (Hydra's CLI)."""
+    _train_app()
 
 
 if __name__ == "__main__":

@@ -1,73 +1,8 @@
-"""Print (and optionally submit) the SLURM batch script for a training config.
+"""Checkout shim for `mixpipe-sbatch` (the code is `pipeline/cli/make_sbatch.py`): `python scripts/make_sbatch.py --help`."""
 
-    python scripts/make_sbatch.py experiment=tatoeba_lm trainer=gpu strategy=deepspeed_zero3 \
-        trainer.num_nodes=2 trainer.devices=8 launch.partition=gpu launch.time=12:00:00
-    python scripts/make_sbatch.py ... --output job.sbatch --submit
-
-Takes the same overrides as `python -m pipeline.train` plus `launch.*` (conf/launch/slurm.yaml).
-Nodes and tasks per node come from trainer.num_nodes and trainer.devices; the tasks train
-with exactly the overrides given here (launch.* dropped). Without --submit nothing runs:
-the script goes to stdout (and to --output).
-"""
-
-from __future__ import annotations
-
-import argparse
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.errors import HydraException  # noqa: E402
-
-import pipeline.config_schema  # noqa: E402,F401  (registers base_config)
-import pipeline.mixing.config  # noqa: E402,F401  (registers the ${mul:...} resolver)
-from pipeline.atomic import atomic_write  # noqa: E402
-from pipeline.launch import is_launch_override, sbatch_script  # noqa: E402
-from pipeline.run_outputs import config_digest  # noqa: E402
-
-
-def compose_with_launch(overrides: list[str]):
-    if not any(is_launch_override(o) and o.lstrip("+").startswith("launch=") for o in overrides):
-        overrides = ["launch=slurm", *overrides]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides), overrides
-
-
-def write_atomic(path: Path, text: str) -> None:
-    atomic_write(path, lambda stream: stream.write(text), mode=0o755)  # an executable script
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m pipeline.train")
-    parser.add_argument("--output", type=Path, help="also write the script here")
-    parser.add_argument("--submit", action="store_true", help="submit with sbatch (needs --output)")
-    args = parser.parse_args(argv)
-    if args.submit and not args.output:
-        parser.error("--submit needs --output (sbatch submits a file)")
-    try:
-        cfg, overrides = compose_with_launch(list(args.overrides))
-        script = sbatch_script(cfg, overrides, config_digest(cfg))
-    except (ValueError, HydraException) as error:
-        print(f"make_sbatch: {error}", file=sys.stderr)
-        return 2
-    sys.stdout.write(script)
-    if args.output:
-        write_atomic(args.output, script)
-        print(f"# written to {args.output}", file=sys.stderr)
-    if args.submit:
-        if shutil.which("sbatch") is None:
-            print("make_sbatch: sbatch is not on PATH (not a SLURM login node?)", file=sys.stderr)
-            return 2
-        return subprocess.run(["sbatch", str(args.output)], check=False).returncode
-    print("# not submitted (pass --output FILE --submit to submit)", file=sys.stderr)
-    return 0
-
+from pipeline.cli.make_sbatch import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
