@@ -93,22 +93,38 @@ def _put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
 
 
 class _Buffers:
-    """The (C, V) fp32 buffers one call reuses for every chunk (see CHUNK_BYTES)."""
+    """The (C, V) fp32 buffers one call reuses for every chunk (see CHUNK_BYTES).
+
+    The logits buffer is stored transposed, (V, C) contiguous, and used through its (C, V)
+    view: BLAS forms weight @ h_c.T (no operand transposed) faster than h_c @ weight.T
+    (measured at V = 65536, C = 256, H = 512, one thread: 352 vs 487 ms median of 5),
+    the row reductions over the strided view cost a little more (69 vs 52 ms), and
+    grad_weight's product then reads dz.T contiguously.
+    """
 
     def __init__(self, chunk_size, vocab, dtype, device, softcap):
-        self.z = torch.empty(chunk_size, vocab, dtype=dtype, device=device)
-        self.dcap = (torch.empty(chunk_size, vocab, dtype=dtype, device=device)
-                     if softcap is not None else None)
+        self.z_t = torch.empty(vocab, chunk_size, dtype=dtype, device=device)
+        self.dcap_t = (torch.empty(vocab, chunk_size, dtype=dtype, device=device)
+                       if softcap is not None else None)
+
+    @staticmethod
+    def _view(buf, c):
+        # The first V * c elements as a contiguous (V, c) block, seen as (c, V).
+        return buf.view(-1)[:buf.shape[0] * c].view(buf.shape[0], c).T
+
+    def dcap(self, c):
+        """(c, V) buffer for d softcap / dz, or None when softcap is off."""
+        return None if self.dcap_t is None else self._view(self.dcap_t, c)
 
     def logits(self, h_c, weight, bias):
-        """(C, V) logits of a chunk, written into the reused buffer."""
-        z = self.z[:h_c.shape[0]]
+        """(C, V) logits of a chunk (a view of the reused (V, C) buffer)."""
+        z = self._view(self.z_t, h_c.shape[0])
         if h_c.dtype != z.dtype:  # fp16/bf16: half matmul (fp32 accumulation), then upcast
-            z.copy_(h_c @ weight.T if bias is None else torch.addmm(bias, h_c, weight.T))
+            z.T.copy_(weight @ h_c.T if bias is None else torch.addmm(bias[:, None], weight, h_c.T))
         elif bias is None:
-            torch.mm(h_c, weight.T, out=z)
+            torch.mm(weight, h_c.T, out=z.T)
         else:
-            torch.addmm(bias, h_c, weight.T, out=z)
+            torch.addmm(bias[:, None], weight, h_c.T, out=z.T)
         return z
 
 
@@ -124,7 +140,7 @@ def _chunk_loss(z, t, ls, z_loss, softcap, dcap):
     if softcap is not None:
         z.div_(softcap).tanh_()
         if dcap is not None:
-            torch.mul(z, z, out=dcap[:z.shape[0]]).neg_().add_(1.0)
+            torch.mul(z, z, out=dcap).neg_().add_(1.0)
         z.mul_(softcap)
     z_t = z.gather(1, t[:, None])[:, 0]
     m = z.amax(dim=1)
@@ -156,7 +172,7 @@ def _chunk_dlogits(e, t, g, m, s, ls, z_loss, dcap):
         e.sub_((g * (ls / v))[:, None])
     e.scatter_add_(1, t[:, None], (-(1.0 - ls) * g)[:, None])
     if dcap is not None:
-        e.mul_(dcap[:e.shape[0]])
+        e.mul_(dcap)
     return e
 
 
@@ -194,12 +210,13 @@ def _chunked_pass(hidden, weight, bias, target, keep, row_grad, ls, z_loss, soft
         h_c = _take(hidden, rows)
         t = _take(target, rows).long()
         z = buffers.logits(h_c, weight, bias)
-        l_c, m, s = _chunk_loss(z, t, ls, z_loss, softcap, buffers.dcap)
+        l_c, m, s = _chunk_loss(z, t, ls, z_loss, softcap, buffers.dcap(z.shape[0]))
         _put(loss, rows, l_c)
         _put(m_all, rows, m)
         _put(s_all, rows, s)
         if want_dz:
-            dz = _chunk_dlogits(z, t, _take(row_grad, rows), m, s, ls, z_loss, buffers.dcap)
+            dz = _chunk_dlogits(z, t, _take(row_grad, rows), m, s, ls, z_loss,
+                                buffers.dcap(z.shape[0]))
             _chunk_grads(dz, rows, h_c, weight, *grads)
     return loss, m_all, s_all
 
@@ -264,10 +281,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 z = buffers.logits(h_c, weight, bias)
                 if softcap is not None:
                     z.div_(softcap).tanh_()
-                    torch.mul(z, z, out=buffers.dcap[:z.shape[0]]).neg_().add_(1.0)
+                    torch.mul(z, z, out=buffers.dcap(z.shape[0])).neg_().add_(1.0)
                     z.mul_(softcap)
                 e = z.sub_(m[:, None]).exp_()  # the forward's exp(z - m), bit for bit
-                dz = _chunk_dlogits(e, t, _take(g_all, rows), m, s, ls, z_loss, buffers.dcap)
+                dz = _chunk_dlogits(e, t, _take(g_all, rows), m, s, ls, z_loss,
+                                    buffers.dcap(z.shape[0]))
                 _chunk_grads(dz, rows, h_c, weight, *grads)
         grad_tw = None
         if need_tw:

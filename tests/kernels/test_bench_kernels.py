@@ -18,8 +18,13 @@ def test_bench_kernels_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert {r["case"].split()[0] for r in rows} == {"flce", "contrastive"}
+    # CCE is measured only where cut_cross_entropy imports; otherwise the reason is printed.
+    assert "CCE: skipped (`import cut_cross_entropy` failed" in proc.stdout or any(
+        r["impl"] == "cce" for r in rows)
+    rows = [r for r in rows if r["impl"] == "chunked"]
+    assert len(rows) == 2
     for r in rows:
-        assert r["impl"] == "chunked" and r["verdict"] in ("PASS", "MISS")
+        assert r["verdict"] in ("PASS", "MISS")
         assert r["naive"]["peak_bytes"] > 0 and r["fast"]["time_s"] > 0
         assert len(r["fast"]["times_s"]) == 1
     assert "mem/naive" in proc.stdout
