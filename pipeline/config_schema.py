@@ -9,10 +9,12 @@ the key and the allowed values.
 
 How each group is typed:
 
-* one shape for every option (loss, sampler, tokenizer, loader, trainer, launch, balance):
+* one shape for every option (loss, sampler, tokenizer, loader, trainer, launch):
   a field of `RootSchema` typed as the group's dataclass;
-* shapes that depend on the option (model, strategy, logger): each option's yaml lists its
-  schema first in its own defaults (``defaults: [lm_schema, _self_]``), stored in that group;
+* shapes that depend on the option (model, strategy, logger), and balance (``balance=m4``;
+  bare ``+balance.method=m4`` keys stay untyped and the balancing code checks them): each
+  option's yaml lists its schema first in its own defaults (``defaults: [lm_schema, _self_]``),
+  stored in that group;
 * keys that depend on a `_target_` inside a list (mixture stages) or on a data recipe:
   :func:`check_targets` compares them with the target's signature (call it before
   preparing data).
@@ -205,7 +207,7 @@ class LaunchSchema:  # conf/launch/slurm.yaml (scripts/make_sbatch.py, pipeline/
 
 
 @dataclass
-class BalanceSchema:  # conf/balance/m4.yaml (pipeline/multimodal_balance.py)
+class BalanceSchema:  # conf/balance/m4.yaml (pipeline/multimodal_balance.py); listed in its defaults
     method: str = MISSING
     mode: BalanceMode = MISSING
     eta: float = MISSING
@@ -334,6 +336,7 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
                  "deepspeed_schema": DeepSpeedStrategySchema},
     "logger": {"none_schema": NoLoggerSchema, "csv_schema": CSVLoggerSchema, "wandb_schema": WandbLoggerSchema},
     "model": {"lm_schema": LMSchema, "contrastive_schema": ContrastiveSchema},
+    "balance": {"m4_schema": BalanceSchema},
 }
 
 
@@ -356,7 +359,7 @@ class RootSchema:
     logger: Any = None  # typed by the option's schema (none_schema, csv_schema, wandb_schema)
     record_consumed: bool = MISSING  # log each rank's trained (step, source, index) to <run>/consumed/
     launch: Optional[LaunchSchema] = None  # noqa: UP045  (launch=slurm; training ignores it)
-    balance: Optional[BalanceSchema] = None  # noqa: UP045  (balance=m4; conf/balance)
+    balance: Any = None  # typed by the option's schema (balance=m4: m4_schema)
     checkpoint: CheckpointSchema = MISSING
     resume: ResumeSchema = MISSING
     evaluation: EvaluationSchema = MISSING
