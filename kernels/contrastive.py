@@ -13,9 +13,10 @@ How:
   softmax: the symmetric InfoNCE loss is two cross-entropies over a linear head,
       i2t: rows = scale * image_local, classes = text_global,  target = global index
       t2i: rows = scale * text_local,  classes = image_global, target = global index
-    so it runs on kernels/fused_linear_cross_entropy.py (online log-sum-exp per row chunk,
-    logits recomputed in backward; its Triton path on CUDA). Cost: each direction is its
-    own pass, 2x the matmul flops of a fused both-direction pass, but one tested kernel.
+    so it runs on kernels/fused_linear_cross_entropy.py (reduction="sum": on CPU the
+    gradients are formed chunk by chunk during forward; its Triton path on CUDA recomputes
+    the logits in backward). Cost: each direction is its own pass, 2x the matmul flops of a
+    fused both-direction pass, but one tested kernel.
   sigmoid: every pair is independent, so tiles (T x T) are summed in forward and recomputed
     in backward (SigmoidTiles below).
 

@@ -127,6 +127,22 @@ def test_extreme_logits_check_catches_the_lse_formula():
         check_extreme_logits_accuracy(lse_formula, n=423, h=16, v=1013, reduction="mean")
 
 
+@pytest.mark.parametrize("ignored", [True, False])  # index chunks / slice chunks
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_handles_strided_inputs(reduction, ignored):
+    hidden, weight, target, bias, tw = make_flce_inputs(37, 24, 71, bias=True, weights=True,
+                                                        ignore_every=5 if ignored else 0)
+    hidden_t, weight_t = hidden.T.contiguous().T, weight.T.contiguous().T
+    assert not hidden_t.is_contiguous() and not weight_t.is_contiguous()
+    opts = dict(softcap=3.0, label_smoothing=0.1)
+    got = flce_outputs(fused_linear_cross_entropy, hidden_t, weight_t, target, bias, tw,
+                       reduction, impl="chunked", chunk_size=10, **opts)
+    ref = flce_outputs(fused_linear_cross_entropy_reference, hidden, weight, target, bias, tw,
+                       reduction, **opts)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
 def test_default_chunk_size_has_a_byte_budget_and_a_row_floor():
     assert default_chunk_size(4096, 32000) == 262  # 32 MiB of fp32 logits
     assert default_chunk_size(4096, 65536) == 256  # the floor: 64 MiB
