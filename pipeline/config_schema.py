@@ -34,7 +34,7 @@ import importlib
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum  # members compare, hash, print and serialise as their string values
 from typing import Any, Optional  # Optional, not `X | None`: OmegaConf 2.3 rejects the latter
 
 from hydra.core.config_store import ConfigStore
@@ -44,18 +44,6 @@ from pipeline.config_resolvers import register_resolvers
 
 
 # -- enum-like values ------------------------------------------------------------------------
-class StrEnum(str, Enum):
-    """`enum.StrEnum` (Python 3.11) for 3.10 too: members are their values as strings in
-    comparisons, hashing, str(), f-strings and JSON, so code reading the config sees plain
-    strings; OmegaConf rejects any other value naming the key and the members."""
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
-
-
 class SamplerMode(StrEnum):
     exact = "exact"
     stochastic = "stochastic"

@@ -149,6 +149,7 @@ from pipeline.config_location import CONFIG_DIR  # noqa: E402
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _prepare_app(cfg: DictConfig) -> None:
+    pipeline.config_schema.check_targets(cfg)  # a misspelt data key fails before any reading
     prepare(cfg)
 
 

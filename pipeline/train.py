@@ -19,10 +19,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-import pipeline.config_schema  # noqa: F401  (registers base_config)
 from pipeline.batch_geometry import geometry_for_trainer, geometry_from_config
 from pipeline.checkpointing import AtomicCheckpointIO, check_resume_identity, resolve_checkpoint
 from pipeline.config_location import CONFIG_DIR
+from pipeline.config_schema import check_targets  # (importing it registers base_config)
 from pipeline.datamodule import datamodule_from_config
 from pipeline.image_text import image_text_datamodule_from_config, is_image_text
 from pipeline.mixing.report import build_report, format_report
@@ -77,6 +77,7 @@ def train(cfg: DictConfig) -> dict:
     # Global batch / world size / micro-batch checked before any data is prepared or process
     # started; None only for devices=-1/"auto" on an accelerator counted by the Trainer.
     geometry = geometry_from_config(cfg)
+    check_targets(cfg)  # mixture stage and data recipe keys against their _target_, before any work
     output_dir = output_dir_of(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -97,7 +98,7 @@ def train(cfg: DictConfig) -> dict:
     sources = datamodule.sources
     model = instantiate(
         cfg.model, vocab_size=tokenizer.vocab_size, sources=sources, total_steps=cfg.run.total_steps,
-        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        loss=OmegaConf.to_container(cfg.loss, resolve=True, enum_to_str=True),
         source_kinds=[corpus.kind(n) for n in sources],
         target_languages=sorted({lang for n in sources if corpus.kind(n) == "parallel"
                                  for lang in (corpus.source_info(n)["src_lang"], corpus.source_info(n)["tgt_lang"])}),
