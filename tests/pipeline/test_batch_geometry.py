@@ -119,6 +119,7 @@ def test_micro_batch_zero_fails_before_preparing_anything(tmp_path):
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["hydra"]  # only Hydra's own log directory
 
 
+@pytest.mark.slow  # the default run has both: tests/docs runs the README's DDP and ZeRO-2 commands
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2"])
 def test_two_processes_without_a_micro_batch_override(strategy, demo_data, tmp_path):
