@@ -9,11 +9,13 @@ renamed into place in one step.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,14 +48,56 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], *, binary:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        full = disk_full_error(error, path)
+        if full is not None:
+            raise full from error
         raise
+
+
+# -- a full disk, said in one line -----------------------------------------------------------
+# torch.save reports a failed write as "inline_container.cc ... unexpected pos" with the
+# OSError only in the exception's context; these find it and name the path and errno.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def disk_full_error(error: BaseException, path: str | os.PathLike) -> OSError | None:
+    """A one-line OSError naming `path` and the errno when `error` (or anything in its
+    cause/context chain) is ENOSPC or EDQUOT; None otherwise."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _NO_SPACE:
+            code = current.errno
+            return OSError(code, f"no space left writing {os.fspath(path)} (errno {code} {errno.errorcode[code]}: "
+                                 f"{os.strerror(code)}); free space or quota on that file system, or write elsewhere")
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@contextlib.contextmanager
+def reraise_disk_full(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a full disk or quota (anywhere in the exception chain) as `disk_full_error`."""
+    try:
+        yield
+    except BaseException as error:
+        full = disk_full_error(error, path)
+        if full is None:
+            raise
+        raise full from error
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, prefix: str | None = None, suffix: str = ".tmp",
                       **dump_options: Any) -> None:
-    """`atomic_write` of ``json.dump(obj, **dump_options)`` plus a final newline."""
+    """`atomic_write` of ``json.dump(obj, **dump_options)`` plus a final newline.
+
+    Strict JSON by default (``allow_nan=False``): a NaN/inf raises ValueError instead of
+    writing the bare ``NaN`` that strict parsers reject; writers put null there and say why.
+    """
+    dump_options.setdefault("allow_nan", False)
+
     def write(stream: IO) -> None:
         json.dump(obj, stream, **dump_options)
         stream.write("\n")

@@ -7,12 +7,24 @@ to a temporary file in the same directory, are fsynced, and replace the target w
 DeepSpeed checkpoints (a directory of per-rank shards) are staged in a hidden directory
 and renamed once every rank has written. `checkpoints/last.json` names the newest complete
 checkpoint and is what `ckpt_path=last` resolves through.
+
+Every checkpoint carries checksums taken while it was written (pipeline/integrity.py,
+XXH3-128): a file checkpoint ``stepN.ckpt`` has ``stepN.ckpt.checksum.json`` beside it
+(written before the checkpoint is published), a sharded directory holds
+``mixpipe_checksums.json`` over each of its files (written into the staging directory before
+it is renamed into place). They are verified before a checkpoint is used; a corrupted
+checkpoint is an error naming the file, and ``ckpt_path=last`` then falls back to the newest
+checkpoint that verifies, saying which one it skipped. Checkpoints written before checksums
+existed still load, with a warning that they are unverified: refusing them would strand runs
+whose checkpoints were fine, and nothing recorded could tell good from bad for them anyway.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,15 +34,78 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from pipeline.atomic import atomic_write, atomic_write_json
+from pipeline.atomic import atomic_write, atomic_write_json, reraise_disk_full
+from pipeline.integrity import (
+    ALGORITHM,
+    IntegrityError,
+    checksum_files,
+    files_under,
+    new_hasher,
+    verify_files,
+)
 from pipeline.strategies import is_sharded
+
+log = logging.getLogger(__name__)
+
+
+class _HashingWriter:
+    """A write-only stream that hashes what passes through it (no second read of the file)."""
+
+    def __init__(self, stream, hasher):
+        self.stream, self.hasher, self.size = stream, hasher, 0
+
+    def write(self, data) -> int:
+        self.hasher.update(data)
+        self.size += len(memoryview(data).cast("B"))
+        return self.stream.write(data)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files published atomically, with a checksum record written first, and
+    verified before they load."""
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        atomic_write(path, lambda stream: torch.save(checkpoint, stream), binary=True, suffix=_STAGING_SUFFIX)
+        path = Path(path)
+        record = checksum_path(path)
+        previous = record.read_bytes() if record.is_file() else None
+        wrote_record = False
+
+        def write(stream) -> None:
+            nonlocal wrote_record
+            writer = _HashingWriter(stream, new_hasher(ALGORITHM))
+            torch.save(checkpoint, writer)
+            # The record goes first: a crash before the rename leaves a record that does not
+            # match (this checkpoint is refused, the previous one is used), never a checkpoint
+            # without its record.
+            write_json_atomic(record, {"algorithm": ALGORITHM, "global_step": checkpoint.get("global_step"),
+                                       "files": {path.name: {"size": writer.size,
+                                                             "digest": writer.hasher.hexdigest()}}})
+            wrote_record = True
+
+        try:
+            with reraise_disk_full(path):
+                atomic_write(path, write, binary=True, suffix=_STAGING_SUFFIX)
+        except BaseException:
+            if wrote_record:  # the checkpoint was not replaced: put its own record back
+                if previous is None:
+                    record.unlink(missing_ok=True)
+                else:
+                    atomic_write(record, lambda stream: stream.write(previous), binary=True, suffix=_STAGING_SUFFIX)
+            raise
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        verify_checkpoint(Path(path))  # free when resolve_checkpoint verified it already
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        checksum_path(Path(path)).unlink(missing_ok=True)
 
 
 # -- periodic checkpoints and the "last complete checkpoint" pointer ---------------------------
@@ -39,10 +114,130 @@ POINTER_NAME = "last.json"
 IDENTITY_KEY = "mixpipe_identity"  # what the run was (data, tokenizer, model shape), in every checkpoint
 _STAGING_SUFFIX = ".tmp"
 _ASIDE_SUFFIX = ".old"
+CHECKSUM_SUFFIX = ".checksum.json"  # beside a file checkpoint: <name>.checksum.json
+SHARD_CHECKSUMS = "mixpipe_checksums.json"  # inside a sharded (directory) checkpoint
+_STEP_RE = re.compile(r"step=?(\d+)")
 
 
 class CheckpointError(ValueError):
     """A checkpoint path, pointer or identity that cannot be resumed from."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose bytes differ from the checksums recorded when it was written."""
+
+
+def checksum_path(checkpoint: Path) -> Path:
+    """Where a checkpoint's checksum record lives (inside a directory, beside a file)."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        return checkpoint / SHARD_CHECKSUMS
+    return checkpoint.with_name(checkpoint.name + CHECKSUM_SUFFIX)
+
+
+def write_shard_checksums(directory: Path, global_step: int | None = None) -> Path:
+    """Checksum every file of a sharded checkpoint directory into ``mixpipe_checksums.json``
+    (call on the staging directory, before it is published)."""
+    directory = Path(directory)
+    record = checksum_files(directory, files_under(directory, exclude=[SHARD_CHECKSUMS]))
+    record["global_step"] = global_step
+    target = directory / SHARD_CHECKSUMS
+    write_json_atomic(target, record)
+    return target
+
+
+_verified: dict[str, tuple] = {}  # path -> stat signature of what verified, so a re-check is free
+
+
+def _signature(checkpoint: Path) -> tuple:
+    paths = sorted(p for p in checkpoint.rglob("*") if p.is_file()) if checkpoint.is_dir() else [
+        checkpoint, checksum_path(checkpoint)]
+    out = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            return ()
+        out.append((str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return tuple(out)
+
+
+def verify_checkpoint(checkpoint: Path) -> bool:
+    """Check a checkpoint against the checksums recorded when it was written.
+
+    Returns True when it verified, False for a checkpoint with no checksum record (written
+    before checksums existed: usable, unverified; a warning says so).
+
+    Raises:
+        CorruptCheckpointError: naming the file that is missing, truncated or changed.
+    """
+    checkpoint = Path(checkpoint)
+    record_path = checksum_path(checkpoint)
+    signature = _signature(checkpoint)
+    if signature and _verified.get(str(checkpoint)) == signature:
+        return True
+    if not record_path.is_file():
+        _rank_zero_warning(f"checkpoint {checkpoint} has no checksum record (written before checksums existed?); "
+                           "using it unverified")
+        return False
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"checkpoint {checkpoint}: checksum record {record_path} is unreadable: "
+                                     f"{error}") from error
+    root = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    try:
+        verify_files(root, record, f"checkpoint {checkpoint}")
+    except IntegrityError as error:
+        raise CorruptCheckpointError(str(error)) from error
+    if signature:
+        _verified[str(checkpoint)] = signature
+    return True
+
+
+def _rank_zero_warning(message: str) -> None:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        log.warning("%s", message)
+
+
+def _recorded_step(checkpoint: Path) -> int:
+    """The global step a checkpoint was saved at (its checksum record, else its name; -1)."""
+    try:
+        step = json.loads(checksum_path(checkpoint).read_text()).get("global_step")
+        if isinstance(step, int):
+            return step
+    except (OSError, ValueError, AttributeError):
+        pass
+    match = _STEP_RE.search(checkpoint.name)
+    return int(match.group(1)) if match else -1
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Published checkpoints in a directory, newest (highest step, then mtime) first: files
+    ending in ``.ckpt`` and directories; staging, set-aside and hidden entries excluded."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [p for p in checkpoints_dir.iterdir()
+             if not p.name.startswith(".") and (p.is_dir() or (p.is_file() and p.suffix == ".ckpt"))]
+    return sorted(found, key=lambda p: (_recorded_step(p), p.stat().st_mtime_ns, p.name), reverse=True)
+
+
+def newest_verified_checkpoint(checkpoints_dir: Path, skip: Path | None = None) -> tuple[Path | None, list[str]]:
+    """(newest checkpoint that verifies or predates checksums, one line per corrupted one skipped)."""
+    skipped = []
+    for candidate in complete_checkpoints(checkpoints_dir):
+        if skip is not None and candidate == Path(skip):
+            continue
+        try:
+            verify_checkpoint(candidate)
+        except CorruptCheckpointError as error:
+            skipped.append(str(error))
+            continue
+        return candidate, skipped
+    return None, skipped
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -97,14 +292,49 @@ def resolve_checkpoint(ckpt_path: str | os.PathLike | None, checkpoints_dir: Pat
     if ckpt_path is None or str(ckpt_path) == "":
         return None
     if str(ckpt_path) == "last":
-        pointer = read_last_pointer(checkpoints_dir)
-        return None if pointer is None else pointer["path"]
+        return _resolve_last(Path(checkpoints_dir))
     path = Path(ckpt_path)
     if not path.exists():
         raise CheckpointError(f"ckpt_path={str(ckpt_path)!r} does not exist")
     if path.name.endswith(_STAGING_SUFFIX) or path.name.endswith(_ASIDE_SUFFIX):
         raise CheckpointError(f"ckpt_path={str(ckpt_path)!r} is an incomplete (staging) checkpoint")
+    verify_checkpoint(path)  # an explicit path that is corrupted is an error naming it
     return path
+
+
+def _resolve_last(checkpoints_dir: Path) -> Path | None:
+    """`last.json`'s checkpoint if it verifies; else the newest checkpoint that does, with one
+    warning line naming what was skipped and why; None when there is no checkpoint at all."""
+    try:
+        pointer = read_last_pointer(checkpoints_dir)
+    except CheckpointError as error:
+        pointer_problem: CheckpointError | None = error
+        pointer = None
+    else:
+        pointer_problem = None
+    if pointer is not None:
+        try:
+            verify_checkpoint(pointer["path"])
+            return pointer["path"]
+        except CorruptCheckpointError as error:
+            pointer_problem = error
+    fallback, skipped = newest_verified_checkpoint(checkpoints_dir, skip=None if pointer is None else pointer["path"])
+    if pointer_problem is not None:
+        if fallback is None:
+            raise pointer_problem if not skipped else CorruptCheckpointError(
+                f"{pointer_problem}; no other checkpoint in {checkpoints_dir} verifies either: " + "; ".join(skipped))
+        reasons = "; ".join([str(pointer_problem), *skipped])
+        _rank_zero_warning(f"ckpt_path=last: falling back to {fallback} (newest checkpoint that verifies): {reasons}")
+        return fallback
+    if fallback is not None:  # no last.json, yet complete checkpoints exist (e.g. it was deleted)
+        extra = f"; skipped: {'; '.join(skipped)}" if skipped else ""
+        _rank_zero_warning(f"ckpt_path=last: {checkpoints_dir / POINTER_NAME} is missing; resuming from {fallback}, "
+                           f"the newest complete checkpoint that verifies{extra}")
+        return fallback
+    if skipped:
+        raise CorruptCheckpointError(f"ckpt_path=last: no checkpoint in {checkpoints_dir} verifies: "
+                                     + "; ".join(skipped))
+    return None
 
 
 def read_identity(checkpoint: Path) -> dict[str, Any] | None:
@@ -165,6 +395,10 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             # Leftovers of a writer that was killed: never complete, never pointed at.
             for stale in Path(self.dirpath).glob(f".*{_STAGING_SUFFIX}"):
                 _remove(stale)
+            # A checksum record whose checkpoint was never published (killed in between).
+            for record in Path(self.dirpath).glob(f"*{CHECKSUM_SUFFIX}"):
+                if not record.with_name(record.name[: -len(CHECKSUM_SUFFIX)]).exists():
+                    record.unlink(missing_ok=True)
         trainer.strategy.barrier("mixpipe_checkpoint_setup")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
@@ -191,10 +425,14 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             _remove(staging)
         trainer.strategy.barrier("mixpipe_staging_clean")
-        trainer.save_checkpoint(staging, self.save_weights_only)  # every rank writes its shard
+        with reraise_disk_full(staging):
+            trainer.save_checkpoint(staging, self.save_weights_only)  # every rank writes its shard
         trainer.strategy.barrier("mixpipe_shards_written")
         if trainer.is_global_zero:
             write_json_atomic(staging / f"{IDENTITY_KEY}.json", self.identity or {})
+            # Checksums of every file, in the staging directory before it is published. (Shards
+            # on other nodes' local disks are not visible here; with a shared file system they are.)
+            write_shard_checksums(staging, trainer.global_step)
             aside = target.with_name(f".{target.name}{_ASIDE_SUFFIX}{_STAGING_SUFFIX}")
             if target.exists():  # re-saving a step (after a resume): move the old one aside first
                 _remove(aside)

@@ -1,0 +1,170 @@
+"""Issue 11: corruption is caught by checksums, progress is not lost, a full disk says so.
+
+Checkpoints (pipeline/checkpointing.py) and prepared sources (pipeline/sources.py) carry
+checksums written when they are saved and verified before they are used.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipeline.atomic
+from pipeline.atomic import atomic_write
+from pipeline.checkpointing import (
+    CHECKSUM_SUFFIX,
+    SHARD_CHECKSUMS,
+    AtomicCheckpointIO,
+    CorruptCheckpointError,
+    checksum_path,
+    resolve_checkpoint,
+    verify_checkpoint,
+    write_last_pointer,
+    write_shard_checksums,
+)
+from pipeline.integrity import file_digest
+
+
+def _save(checkpoints: Path, step: int, value: float = 0.0) -> Path:
+    path = checkpoints / f"step{step:06d}.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": step, "weights": torch.full((4096,), value)}, path)
+    return path
+
+
+def _corrupt(path: Path, size: int = 4096) -> None:
+    """Overwrite `size` bytes in the middle with random bytes: same file size."""
+    before = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.seek(before // 2 - size // 2)
+        handle.write(os.urandom(size))
+    assert path.stat().st_size == before
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+def test_a_checkpoint_carries_the_checksum_of_its_bytes(tmp_path):
+    path = _save(tmp_path, 4)
+    record = json.loads(checksum_path(path).read_text())
+    assert checksum_path(path).name == "step000004.ckpt" + CHECKSUM_SUFFIX
+    assert record["global_step"] == 4
+    assert record["files"]["step000004.ckpt"] == {"size": path.stat().st_size,
+                                                   "digest": file_digest(path, record["algorithm"])}
+    assert verify_checkpoint(path) is True
+
+
+def test_a_corrupted_checkpoint_is_an_error_naming_it(tmp_path):
+    path = _save(tmp_path, 4)
+    _corrupt(path)
+    with pytest.raises(CorruptCheckpointError, match=r"step000004\.ckpt is corrupted"):
+        resolve_checkpoint(path, tmp_path)
+    with pytest.raises(CorruptCheckpointError, match=r"step000004\.ckpt is corrupted"):
+        AtomicCheckpointIO().load_checkpoint(path)  # Lightning's own load path checks too
+
+
+def test_last_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, caplog):
+    good = _save(tmp_path, 2)
+    bad = _save(tmp_path, 4)
+    write_last_pointer(tmp_path, bad, 4, None)
+    _corrupt(bad)
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpointing"):
+        assert resolve_checkpoint("last", tmp_path) == good
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "falling back to" in line and str(good) in line and "step000004.ckpt is corrupted" in line
+    assert "\n" not in line
+
+
+def test_last_with_only_corrupted_checkpoints_is_an_error_not_a_fresh_start(tmp_path):
+    bad = _save(tmp_path, 4)
+    write_last_pointer(tmp_path, bad, 4, None)
+    _corrupt(bad)
+    with pytest.raises(CorruptCheckpointError, match=r"step000004\.ckpt is corrupted"):
+        resolve_checkpoint("last", tmp_path)
+
+
+def test_last_without_its_pointer_uses_the_newest_complete_checkpoint(tmp_path, caplog):
+    _save(tmp_path, 2)
+    newest = _save(tmp_path, 10)
+    _save(tmp_path, 6)  # written later, but an earlier step
+    (tmp_path / ".step000012.ckpt.tmp").mkdir()  # a staging leftover is never a candidate
+    assert not (tmp_path / "last.json").exists()
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpointing"):
+        assert resolve_checkpoint("last", tmp_path) == newest
+    assert "last.json is missing; resuming from" in caplog.text and str(newest) in caplog.text
+
+
+def test_a_checkpoint_without_checksums_still_loads_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "step000004.ckpt"
+    torch.save({"global_step": 4}, path)  # as written before checksums existed
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpointing"):
+        assert resolve_checkpoint(path, tmp_path) == path
+    assert "has no checksum record" in caplog.text and "unverified" in caplog.text
+    assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 4
+
+
+def test_sharded_checkpoint_directories_checksum_each_file(tmp_path):
+    staging = tmp_path / ".step000004.ckpt.tmp"
+    (staging / "checkpoint").mkdir(parents=True)
+    for rank in range(2):
+        torch.save({"shard": torch.full((2048,), float(rank))},
+                   staging / "checkpoint" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    (staging / "latest").write_text("checkpoint")
+    write_shard_checksums(staging, 4)
+    target = tmp_path / "step000004.ckpt"
+    os.replace(staging, target)  # what AtomicModelCheckpoint._save_sharded does after the record
+    record = json.loads((target / SHARD_CHECKSUMS).read_text())
+    assert sorted(record["files"]) == ["checkpoint/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                       "checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest"]
+    assert verify_checkpoint(target) is True
+    _corrupt(target / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", 1024)
+    with pytest.raises(CorruptCheckpointError, match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt is corrupted"):
+        resolve_checkpoint(target, tmp_path)
+
+
+# -- a full disk ----------------------------------------------------------------------------------
+
+class _FullDisk:
+    """A stream whose device fills up after `room` bytes (what torch.save meets on a full disk)."""
+
+    def __init__(self, stream, room: int):
+        self.stream, self.room = stream, room
+
+    def write(self, data) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.stream.write(data)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def test_a_full_disk_during_torch_save_names_the_path_and_errno(tmp_path):
+    target = tmp_path / "step000004.ckpt"
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, lambda stream: torch.save({"w": torch.zeros(10000)}, _FullDisk(stream, 1000)),
+                     binary=True)
+    message = str(raised.value)
+    assert raised.value.errno == errno.ENOSPC
+    assert str(target) in message and "errno 28 ENOSPC" in message and "\n" not in message
+    assert "inline_container" not in message  # torch's RuntimeError is only the cause now
+    assert not target.exists() and not list(tmp_path.iterdir())  # no temporary file left
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = _save(tmp_path, 4, value=1.0)
+
+    def no_space(_fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pipeline.atomic.os, "fsync", no_space)
+    with pytest.raises(OSError, match=r"no space left writing .*step000004\.ckpt \(errno 28 ENOSPC"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 4, "weights": torch.zeros(4096)}, path)
+    monkeypatch.undo()
+    assert verify_checkpoint(path) is True  # the old checkpoint and its own record, untouched
+    assert torch.load(path, weights_only=False)["weights"][0] == 1.0
