@@ -11,6 +11,14 @@ Layout of one prepared corpus::
 :data:`FORMAT_VERSION`; the same inputs always land in the same directory, so a second
 :func:`prepare_sources` is a cache hit. A corpus directory appears only complete: it is built
 in a hidden temp directory beside the target and renamed into place.
+
+The manifest records a checksum (pipeline/integrity.py, XXH3-128) of every file of every
+source directory, taken when the corpus is built and verified when it is loaded: a file whose
+bytes changed while its size did not is not a cache hit (the corpus is rebuilt, with a warning
+naming the file). Corpora prepared before checksums existed still load, with a warning.
+
+Temp directories are named ``.tmp-<target>-pid<pid>@<host>-<random>``; one whose process is
+gone (killed during preparation) is removed by the next :func:`prepare_sources` on that host.
 """
 
 from __future__ import annotations
@@ -19,8 +27,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +44,8 @@ from data_recipes.base import (
     columns_for,
     validate_source_name,
 )
-from pipeline.atomic import atomic_write_json, discard_dir, publish_dir
+from pipeline.atomic import atomic_write_json, discard_dir, publish_dir, reraise_disk_full
+from pipeline.integrity import checksum_files, files_under, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +54,8 @@ MANIFEST = "manifest.json"
 SOURCES_DIR = "sources"
 TMP_PREFIX = ".tmp-"
 UNITS = ("documents", "characters", "tokens")
+CHECKSUMS = "checksums"  # manifest key: {source name: {"algorithm", "files": {name: {size, digest}}}}
+STALE_UNOWNED_SECONDS = 24 * 3600  # temp dirs without an owner pid (older code) count as stale after this
 
 
 def canonical_json(obj: Any) -> str:
@@ -111,19 +126,22 @@ class PreparedCorpus:
 
     # -- loading and validation -------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, tokenizer_hash: str | None = None) -> PreparedCorpus:
+    def load(cls, path: str | Path, tokenizer_hash: str | None = None, verify: bool = True) -> PreparedCorpus:
         """Load and validate a prepared corpus directory.
 
         Args:
             path: the corpus directory (``.../prepared/<name>-<hash16>``).
             tokenizer_hash: select the token counts of this tokenizer. None selects the only
                 token-count file if exactly one exists.
+            verify: check every source file against the checksums in the manifest (reads
+                every byte once; disk-bound: the hash runs at several GB/s).
 
         Raises:
             ValueError: naming the path, if the manifest is missing or unparsable, the format
                 version differs, the hash in the manifest does not match the directory name,
-                a source directory is missing or unreadable, or a row count disagrees with
-                the manifest.
+                a source directory is missing or unreadable, a row count disagrees with
+                the manifest, or (IntegrityError) a file's checksum differs from the one
+                recorded when it was prepared.
         """
         path = Path(path)
         if not path.is_dir():
@@ -154,6 +172,10 @@ class PreparedCorpus:
         sources = manifest["sources"]
         if not isinstance(sources, dict) or not sources:
             raise ValueError(f"manifest {str(path / MANIFEST)!r} has no sources")
+        checksums = manifest.get(CHECKSUMS)
+        if verify and checksums is None:
+            log.warning("prepared corpus %s has no checksums (prepared before they existed); its files are "
+                        "not verified: delete it to prepare it again with checksums", path)
         for name, entry in sources.items():
             validate_source_name(name)
             source_dir = path / SOURCES_DIR / name
@@ -165,6 +187,10 @@ class PreparedCorpus:
                     f"source {name!r} in {str(source_dir)!r} has {num_rows} rows but the "
                     f"manifest says num_documents={entry.get('num_documents')!r}"
                 )
+            if verify and checksums is not None:
+                if not isinstance(checksums, dict) or name not in checksums:
+                    raise ValueError(f"manifest {str(path / MANIFEST)!r} has no checksums for source {name!r}")
+                verify_files(source_dir, checksums[name], f"prepared source {name!r}")
         corpus = cls(path, manifest)
         corpus._select_token_counts(tokenizer_hash)
         return corpus
@@ -428,6 +454,7 @@ def _build(
     from tqdm.auto import tqdm
 
     sources: dict[str, Any] = {}
+    checksums: dict[str, Any] = {}
     bar = tqdm(desc=f"prepare {recipe.name}", unit="source", disable=not progress)
     try:
         for source in recipe.sources():
@@ -438,7 +465,9 @@ def _build(
             if source.name in sources:
                 raise ValueError(f"recipe {recipe.name!r} yielded source {source.name!r} twice")
             bar.set_postfix_str(source.name)
-            sources[source.name] = _save_source(source, tmp / SOURCES_DIR / source.name)
+            source_dir = tmp / SOURCES_DIR / source.name
+            sources[source.name] = _save_source(source, source_dir)
+            checksums[source.name] = checksum_files(source_dir, files_under(source_dir))
             bar.update(1)
     finally:
         bar.close()
@@ -450,6 +479,7 @@ def _build(
         "content_hash": digest,
         "fingerprint": fingerprint,
         "sources": {name: sources[name] for name in sorted(sources)},
+        CHECKSUMS: {name: checksums[name] for name in sorted(checksums)},
     }
     # The manifest goes last: a directory with a manifest has all its sources.
     write_json_atomic(tmp / MANIFEST, manifest)
@@ -507,15 +537,75 @@ def prepare_sources(recipe: Recipe, cache_dir: str | Path, progress: bool = True
             log.warning("prepared sources at %s are invalid (%s); rebuilding", target, err)
             _discard(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+    remove_stale_temp_dirs(target.parent)
+    tmp = make_temp_dir(target.parent, target.name)
     try:
-        _build(recipe, fingerprint, digest, tmp, progress)
+        with reraise_disk_full(tmp):
+            _build(recipe, fingerprint, digest, tmp, progress)
         publish_dir(tmp, target)  # another process may have finished the same corpus first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("prepared sources: built %s", target)
-    return PreparedCorpus.load(target)
+    return PreparedCorpus.load(target, verify=False)  # checksummed from these very files just now
+
+
+# -- temp directories that outlive a killed process -----------------------------------------
+_OWNED_TEMP = re.compile(r"-pid(?P<pid>\d+)@(?P<host>.+)-[^-]+$")
+
+
+def make_temp_dir(parent: Path, name: str) -> Path:
+    """A hidden temp directory ``.tmp-<name>-pid<pid>@<host>-<random>`` in `parent`: the
+    owner's pid and host let a later start tell a killed build's leftovers from a live one."""
+    host = socket.gethostname().replace("/", "_").replace("-", "_") or "localhost"
+    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-pid{os.getpid()}@{host}-", dir=parent))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(parent: Path) -> list[Path]:
+    """Remove ``.tmp-*`` directories in `parent` that no live process owns; returns them.
+
+    Owned (``-pid<pid>@<host>-``) on this host: stale when that pid is gone. On another host
+    (a shared file system): left alone, its owner may be alive there. Without an owner (names
+    from older code, and `discard_dir` trash): stale when untouched for a day.
+    """
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    host = socket.gethostname().replace("/", "_").replace("-", "_") or "localhost"
+    removed = []
+    for path in parent.glob(f"{TMP_PREFIX}*"):
+        if not path.is_dir() or path.is_symlink():
+            continue
+        match = _OWNED_TEMP.search(path.name)
+        if match:
+            stale = match.group("host") == host and not _pid_alive(int(match.group("pid")))
+        else:
+            try:
+                stale = time.time() - path.stat().st_mtime > STALE_UNOWNED_SECONDS
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                removed.append(path)
+    if removed:
+        log.warning("removed %d temp folder(s) left by killed preparations: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
 
 
 def _discard(path: Path) -> None:

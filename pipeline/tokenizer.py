@@ -21,8 +21,8 @@ import dataclasses
 import hashlib
 import io
 import logging
+import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +32,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.atomic import discard_dir, publish_dir
-from pipeline.sources import TMP_PREFIX, PreparedCorpus, canonical_json, write_json_atomic
+from pipeline.sources import (
+    TMP_PREFIX,
+    PreparedCorpus,
+    canonical_json,
+    make_temp_dir,
+    remove_stale_temp_dirs,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +326,25 @@ def _train_model(sentences: list[str], languages: list[str], config: TokenizerCo
             raise ValueError(
                 f"tokenizer.vocab_size={config.vocab_size} does not fit this corpus "
                 f"({len(sentences)} sampled sentences, {len(languages)} language tags): {msg.strip()} "
-                "Lower tokenizer.vocab_size or raise tokenizer.sample_sentences."
+                f"{vocab_size_hint(msg, config)}"
             ) from err
         raise ValueError(f"SentencePiece training failed: {msg.strip()}") from err
     return model.getvalue()
+
+
+def vocab_size_hint(message: str, config: TokenizerConfig) -> str:
+    """What to change, from SentencePiece's vocabulary-size error (too high or too small)."""
+    high = re.search(r"too high.*?<=\s*(\d+)", message, re.S)
+    if high:
+        return (f"Lower tokenizer.vocab_size to <= {high.group(1)}, or give the tokenizer more text "
+                f"(raise tokenizer.sample_sentences, now {config.sample_sentences}, or add documents).")
+    small = re.search(r"smaller than required_chars\.\s*(\d+)\s*vs\.?\s*(\d+)", message)
+    if small:
+        return (f"Raise tokenizer.vocab_size to >= {small.group(2)} (the characters and special pieces it must hold), or lower "
+                f"tokenizer.character_coverage (now {config.character_coverage}).")
+    if "smaller" in message or "too small" in message:
+        return "Raise tokenizer.vocab_size, or lower tokenizer.character_coverage."
+    return "Change tokenizer.vocab_size (see SentencePiece's message above for the bound)."
 
 
 def train_tokenizer(
@@ -363,7 +385,8 @@ def train_tokenizer(
     model = _train_model(sentences, languages, config)
     seconds = time.perf_counter() - start
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{digest[:16]}-", dir=root))
+    remove_stale_temp_dirs(root)
+    tmp = make_temp_dir(root, digest[:16])
     try:
         (tmp / MODEL_FILE).write_bytes(model)
         write_json_atomic(

@@ -168,3 +168,78 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
     monkeypatch.undo()
     assert verify_checkpoint(path) is True  # the old checkpoint and its own record, untouched
     assert torch.load(path, weights_only=False)["weights"][0] == 1.0
+
+
+# -- prepared sources -------------------------------------------------------------------------------
+
+class _Recipe:
+    name = "tiny"
+
+    def __init__(self):
+        self.calls = 0
+
+    def fingerprint(self):
+        return {"recipe": self.name, "version": 1}
+
+    def sources(self):
+        from data_recipes.base import SourceRecords
+
+        self.calls += 1
+        yield SourceRecords("eng", "mono", [{"text": "the original sentence"}, {"text": "another one"}],
+                            "eng", "Latn")
+
+
+def test_a_prepared_arrow_file_edited_in_place_is_not_a_cache_hit(tmp_path, caplog):
+    from pipeline.sources import MANIFEST, PreparedCorpus, prepare_sources
+
+    corpus = prepare_sources(_Recipe(), tmp_path, progress=False)
+    manifest = json.loads((corpus.path / MANIFEST).read_text())
+    assert set(manifest["checksums"]["eng"]["files"]) >= {"data-00000-of-00001.arrow", "state.json"}
+    [arrow] = (corpus.path / "sources" / "eng").glob("*.arrow")
+    data = arrow.read_bytes()
+    arrow.write_bytes(data.replace(b"the original sentence", b"THE ALTERED  SENTENCE"))  # same size
+    assert arrow.stat().st_size == len(data)
+    with pytest.raises(ValueError, match=r"prepared source 'eng': .*data-00000-of-00001\.arrow is corrupted"):
+        PreparedCorpus.load(corpus.path)
+    recipe = _Recipe()
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+        again = prepare_sources(recipe, tmp_path, progress=False)
+    assert recipe.calls == 1  # rebuilt, not a cache hit
+    assert "data-00000-of-00001.arrow is corrupted" in caplog.text and "rebuilding" in caplog.text
+    assert again.dataset("eng")[0]["text"] == "the original sentence"
+
+
+def test_a_corpus_prepared_before_checksums_loads_with_a_warning(tmp_path, caplog):
+    from pipeline.sources import MANIFEST, PreparedCorpus, prepare_sources
+
+    corpus = prepare_sources(_Recipe(), tmp_path, progress=False)
+    manifest = json.loads((corpus.path / MANIFEST).read_text())
+    del manifest["checksums"]
+    (corpus.path / MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+        assert PreparedCorpus.load(corpus.path).num_documents("eng") == 2
+    assert "has no checksums" in caplog.text
+
+
+def test_a_killed_preparation_leaves_no_temp_folder_for_good(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.sources import make_temp_dir, prepare_sources
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    # A temp folder owned by a process that is gone (what `kill -9` mid-build leaves) ...
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = make_temp_dir(prepared, "tiny-0123456789abcdef")
+    orphan.rename(orphan.with_name(orphan.name.replace(f"-pid{os.getpid()}@", f"-pid{dead.stdout.strip()}@")))
+    # ... one owned by a live process (ours: a concurrent build), and one from older code, fresh.
+    live = make_temp_dir(prepared, "tiny-fedcba9876543210")
+    unowned_fresh = prepared / ".tmp-tiny-0123456789abcdef-abc123"
+    unowned_fresh.mkdir()
+    unowned_old = prepared / ".tmp-tiny-0123456789abcdef-old999"
+    unowned_old.mkdir()
+    os.utime(unowned_old, (0, 0))
+    prepare_sources(_Recipe(), tmp_path, progress=False)
+    left = sorted(p.name for p in prepared.iterdir() if p.name.startswith(".tmp-"))
+    assert left == sorted([live.name, unowned_fresh.name])

@@ -121,7 +121,9 @@ def test_temperature_probs_flatten_the_tail():
 
 def test_vocab_too_large_is_a_clear_error(corpus, tmp_path):
     cfg = TokenizerConfig(vocab_size=50000, sample_sentences=500)
-    with pytest.raises(ValueError, match="vocab_size=50000"):
+    # Too high for the corpus: the hint says to lower it, and to what (issue 11).
+    with pytest.raises(ValueError, match=r"vocab_size=50000[\s\S]*too high[\s\S]*"
+                                         r"Lower tokenizer\.vocab_size to <= \d+, or give the tokenizer more text"):
         train_tokenizer(corpus, cfg, tmp_path)
     leftovers = (
         list((tmp_path / "tokenizers").glob("*")) if (tmp_path / "tokenizers").exists() else []
@@ -134,3 +136,12 @@ def test_bad_config():
         TokenizerConfig(model_type="wordpiece")
     with pytest.raises(ValueError, match="temperature"):
         TokenizerConfig(temperature=0)
+
+
+def test_vocab_too_small_says_raise_it():
+    """Fewer pieces than characters to cover: the hint says raise vocab_size (not lower it)."""
+    sentences = ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789"] * 20
+    cfg = TokenizerConfig(vocab_size=20, sample_sentences=20, character_coverage=1.0, byte_fallback=False)
+    with pytest.raises(ValueError, match=r"smaller than required_chars[\s\S]*Raise tokenizer\.vocab_size to >= \d+") as error:
+        tokenizer_mod._train_model(sentences, ["eng"], cfg)
+    assert "Lower" not in str(error.value)
