@@ -15,6 +15,7 @@ Rows with an empty text (or target) are dropped; a source left with zero rows is
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from collections.abc import Iterator
@@ -38,6 +39,48 @@ _SUFFIX_TO_BUILDER = {
     ".csv": "csv",
 }
 _PAIR_RE = re.compile(r"^([A-Za-z0-9_]+)-([A-Za-z0-9_]+)$")
+
+
+def locate_json_error(files: list[Path]) -> str | None:
+    """The first malformed row of JSON / JSON-lines files: ``<file> line <n>: <error>``.
+
+    A file that parses as one JSON document (an array or object) is fine as a whole; otherwise
+    every non-blank line must be one JSON object.
+    """
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            line = path.read_bytes()[: err.start].count(b"\n") + 1
+            return f"{path} line {line}: not UTF-8 ({err.reason})"
+        except OSError as err:
+            return f"{path}: {err}"
+        if path.suffix.lower() == ".json":
+            try:
+                json.loads(text)
+                continue
+            except json.JSONDecodeError:
+                pass  # maybe JSON lines in a .json file: check line by line
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                snippet = line.strip()
+                snippet = snippet if len(snippet) <= 80 else snippet[:77] + "..."
+                return f"{path} line {number}: invalid JSON ({err.msg} at column {err.colno}): {snippet}"
+            if not isinstance(row, dict):
+                return f"{path} line {number}: expected a JSON object per line, got {type(row).__name__}"
+    return None
+
+
+def _innermost(error: BaseException) -> str:
+    """The deepest cause's message, prefixed by the outer one when they differ."""
+    inner = error
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ or inner.__context__
+    return str(error) if inner is error else f"{error} ({type(inner).__name__}: {inner})"
 
 
 class HFGeneric:
@@ -183,7 +226,12 @@ class HFGeneric:
             except ValueError:
                 raise
             except Exception as err:  # datasets raises many types for unreadable files
-                raise ValueError(f"cannot read dataset at {str(self.path)!r}: {err}") from err
+                # datasets says only "An error occurred while generating the dataset": find
+                # the row it choked on and name the file and line instead.
+                located = locate_json_error(files) if fmt == "json" else None
+                if located:
+                    raise ValueError(f"cannot read dataset at {str(self.path)!r}: {located}") from err
+                raise ValueError(f"cannot read dataset at {str(self.path)!r}: {_innermost(err)}") from err
             missing = [c for c in wanted if c not in ds.column_names]
             if missing:
                 raise ValueError(

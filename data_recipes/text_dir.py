@@ -1,11 +1,14 @@
 """Directory of plain-text files, one per language: ``<path>/<lang>.txt``.
 
 One document per line; blank lines are dropped. The file stem is the source name and the
-language (e.g. ``/work/shared/data/tatoeba/mono/deu.txt`` -> source ``deu``).
+language (e.g. ``/work/shared/data/tatoeba/mono/deu.txt`` -> source ``deu``). The extension
+is matched without regard to case (``deu.TXT`` is read too); other files in the directory are
+named in one warning line rather than skipped silently (hidden dot-files excepted).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ from data_recipes.base import (
     sha256_file,
     validate_source_name,
 )
+
+log = logging.getLogger(__name__)
 
 
 class TextDir:
@@ -48,16 +53,33 @@ class TextDir:
             max_documents_per_source, "max_documents_per_source"
         )
         self.name = name
+        self._warned = False  # the "ignoring files" warning, once per recipe
 
     def _files(self) -> list[tuple[str, Path]]:
         root = require_dir(self.path)
+        entries = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+        texts = [p for p in entries if p.suffix.lower() == self.suffix]
+        by_stem: dict[str, list[Path]] = {}
+        for path in texts:
+            by_stem.setdefault(path.stem, []).append(path)
+        for stem, paths in by_stem.items():
+            if len(paths) > 1:
+                raise ValueError(f"data directory {str(root)!r} has {len(paths)} files for source {stem!r} "
+                                 f"({', '.join(p.name for p in paths)}); keep one")
         if self.languages is None:
-            files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix == self.suffix)
-            if not files:
-                raise ValueError(f"data directory {str(root)!r} has no *{self.suffix} files")
-            out = [(p.stem, p) for p in files]
+            if not texts:
+                raise ValueError(f"data directory {str(root)!r} has no *{self.suffix} files "
+                                 f"(found: {', '.join(p.name for p in entries[:10]) or 'nothing'})")
+            others = [p.name for p in entries if p.suffix.lower() != self.suffix]
+            if others and not self._warned:
+                self._warned = True
+                log.warning("data directory %s: ignoring %d file(s) without the %s extension: %s", root,
+                            len(others), self.suffix, ", ".join(others))
+            out = [(p.stem, p) for p in texts]
         else:
-            out = requested_language_files(root, self.languages, lambda lang: f"{lang}{self.suffix}")
+            out = requested_language_files(
+                root, self.languages,
+                lambda lang: by_stem[lang][0].name if lang in by_stem else f"{lang}{self.suffix}")
         for lang, path in out:
             try:
                 validate_source_name(lang)

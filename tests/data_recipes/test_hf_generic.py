@@ -99,3 +99,16 @@ def test_requested_language_absent(tmp_path):
     path = _jsonl(tmp_path / "data.jsonl")
     with pytest.raises(ValueError, match="swh"):
         list(HFGeneric(path, source_column="lang", text_column="text", languages=["swh"]).sources())
+
+
+def test_a_broken_jsonl_row_is_named_by_file_and_line(tmp_path):
+    """Issue 11: datasets says only "An error occurred while generating the dataset"."""
+    path = _jsonl(tmp_path / "data.jsonl")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines.insert(3, '{"lang": "deu", "text": "kaputt"')  # line 4: the closing brace is missing
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        list(HFGeneric(path, source_column="lang", text_column="text").sources())
+    message = str(error.value)
+    assert f"{path} line 4: invalid JSON" in message and '"kaputt"' in message
+    assert "\n" not in message

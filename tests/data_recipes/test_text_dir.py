@@ -84,3 +84,26 @@ def test_tatoeba_subset():
     assert sources["amh"].script == "Ethi"
     assert len(sources["deu"].records) == 500
     assert len(sources["amh"].records) == 168  # the whole file: fewer lines than the cap
+
+
+def test_upper_case_extension_is_read_and_other_files_are_named(corpus_dir, caplog):
+    """Issue 11: `deu.TXT` used to be dropped without a word; other files are now reported."""
+    import logging
+
+    (corpus_dir / "deu.txt").rename(corpus_dir / "deu.TXT")
+    _write(corpus_dir / "fra.text", "Bonjour.\n")
+    recipe = TextDir(corpus_dir)
+    with caplog.at_level(logging.WARNING, logger="data_recipes.text_dir"):
+        sources = {s.name: s for s in recipe.sources()}
+        recipe.fingerprint()
+    assert sorted(sources) == ["deu", "eng", "rus"]
+    assert [r["text"] for r in sources["deu"].records] == ["Hallo.", "Guten Morgen."]
+    [line] = [r.getMessage() for r in caplog.records]  # one line, once
+    assert "ignoring 2 file(s)" in line and "fra.text" in line and "notes.md" in line
+    assert TextDir(corpus_dir, languages=["deu"]).fingerprint()["files"] == {"deu.TXT": recipe.fingerprint()["files"]["deu.TXT"]}
+
+
+def test_two_files_for_one_source_are_an_error(corpus_dir):
+    _write(corpus_dir / "deu.TXT", "Hallo.\n")
+    with pytest.raises(ValueError, match=r"2 files for source 'deu' \(deu\.TXT, deu\.txt\)"):
+        TextDir(corpus_dir).fingerprint()
