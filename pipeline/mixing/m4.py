@@ -724,7 +724,10 @@ def m4_keep_probabilities(attributes, labels, *, eta: float = 0.9, pi=0.5,
             becomes very sensitive to the duals: there the streaming q can be clearly worse
             than the exact one (measured on a 1,000-example toy with one unmeetable bound:
             penalised objective 2.45-6.19 against the exact 2.45, depending on batch_size).
-            Use "exact" for infeasible requests where N allows.
+            Use "exact" for infeasible requests where N allows. A streaming q that breaks a
+            constraint the data already met, is non-finite, or is worse than uniform keeping
+            is replaced (`_guard_streaming`: exact re-solve with those constraints hard, else
+            a move toward q = eta); `info["guard"]` and a warning say so.
         batch_size, passes, seed: streaming minibatch size, passes to fit the duals, and the
             seed of the per-pass shuffle (q depends on it only through solver noise).
         attribute_names, label_names: used in the report and messages.
@@ -768,6 +771,9 @@ def m4_keep_probabilities(attributes, labels, *, eta: float = 0.9, pi=0.5,
     after = m4_statistics(s, y, q, problem.pi, eps_r=problem.eps_r, eps_a=problem.eps_a,
                           attribute_names=attribute_names, label_names=label_names,
                           tolerance=tolerance, batch_size=batch_size)
+    if solver == "streaming":
+        duals, q, after, info = _guard_streaming(s, y, u, problem, duals, q, before, after, info, names,
+                                                 tolerance, batch_size)
     objective, penalized = m4_objective(q, problem, u, after)
     if solver == "exact":  # the certificate: P(q) - g(duals) >= 0, zero at the optimum
         info["gap"] = penalized - info["dual_value"]
@@ -778,6 +784,105 @@ def m4_keep_probabilities(attributes, labels, *, eta: float = 0.9, pi=0.5,
             raise M4InfeasibleError(result.violations, message)
         log.warning("%s", message)
     return result
+
+
+# Largest N * (m + c) the guard re-solves exactly (float64 copies: ~8 bytes each, a few times).
+EXACT_FALLBACK_LIMIT = 20_000_000
+
+
+def _excess(stats: M4Statistics, problem: M4Problem) -> np.ndarray:
+    """(m + m*c,) |statistic| - eps, representation first, then association raveled."""
+    values = np.concatenate([stats.representation, stats.association.ravel()])
+    bounds = np.concatenate([problem.eps_r, problem.eps_a.ravel()])
+    return np.where(np.isfinite(values), np.abs(values) - bounds, np.inf)
+
+
+def _constraint_names(stats: M4Statistics, which: np.ndarray) -> list[str]:
+    m, c = len(stats.attribute_names), len(stats.label_names)
+    out = []
+    for j in np.flatnonzero(which):
+        if j < m:
+            out.append(f"E[{stats.attribute_names[j]}] - pi")
+        else:
+            k, r = divmod(int(j - m), c)
+            out.append(f"E[({stats.attribute_names[k]} - pi) * {stats.label_names[r]}]")
+    return out
+
+
+def _guard_streaming(s, y, u, problem: M4Problem, duals: M4Duals, q: np.ndarray, before: M4Statistics,
+                     after: M4Statistics, info: dict, names: tuple, tolerance: float, batch_size: int):
+    """Never return a streaming q worse than uniform keeping (q = eta) on a constraint the data
+    already met, nor a non-finite one, nor one whose penalised objective is worse than q = eta's.
+
+    The streaming solver is approximate; where its duals sit at the enforcement bound (a
+    constraint that cannot be met, eps = 0 ...) q is very sensitive to them and it can break
+    a constraint the data met (seen: +0.0002 -> +0.0483 at eps_r = eps_a = 0). Then:
+    1. re-solve with the exact solver (where N * (m + c) <= EXACT_FALLBACK_LIMIT), with the
+       constraints the data met made hard at eps + tolerance, so they cannot be traded for the
+       others;
+    2. if a met constraint is still broken (no exact solve, or it did not converge), move q
+       toward eta along q_t = eta + t (q - eta), t in [0, 1]: mean(q_t) = eta and every E_q_t
+       is linear in t, so the largest t that keeps each met constraint met is exact, and t = 0
+       (uniform keeping) always qualifies.
+    `info["guard"]` records what ran; a warning names the constraints.
+    """
+    eta = problem.eta
+    met = _excess(before, problem) <= tolerance
+    finite = bool(np.isfinite(q).all())
+    broken = met & ~(_excess(after, problem) <= tolerance)
+    uniform = m4_objective(np.full(len(q), eta), problem, u, before)[1]
+    penalized = m4_objective(q, problem, u, after)[1] if finite else np.inf
+    worse = not penalized <= uniform + 1e-12 * max(1.0, abs(uniform))
+    if finite and not broken.any() and not worse:
+        return duals, q, after, info
+    if not finite:
+        why = "non-finite keep probabilities"
+    elif broken.any():
+        why = f"it broke constraint(s) the data already met: {', '.join(_constraint_names(before, broken)[:5])}"
+    else:
+        why = f"its penalised objective {penalized:.6g} is worse than uniform keeping's {uniform:.6g}"
+    guard: dict = {"reason": why, "steps": []}
+    n, m, c = len(s), problem.num_attributes, problem.num_labels
+
+    def statistics(weights):
+        return m4_statistics(s, y, weights, problem.pi, eps_r=problem.eps_r, eps_a=problem.eps_a,
+                             attribute_names=names[0], label_names=names[1], tolerance=tolerance,
+                             batch_size=batch_size)
+
+    if n * (m + c) <= EXACT_FALLBACK_LIMIT:
+        from pipeline.mixing.m4_exact import solve_exact
+
+        bounds = np.concatenate([problem.eps_r, problem.eps_a.ravel()]) + tolerance
+        exact_duals, exact_info = solve_exact(s, y, u, problem, hard_bounds=np.where(met, bounds, np.nan))
+        exact_q = np.empty(n, dtype=np.float64)
+        in_order = ((s[i:i + batch_size], y[i:i + batch_size]) if u is None else
+                    (s[i:i + batch_size], y[i:i + batch_size], u[i:i + batch_size])
+                    for i in range(0, n, batch_size))
+        write_keep_probabilities(in_order, exact_duals, exact_q)
+        if np.isfinite(exact_q).all():
+            duals, q, after = exact_duals, exact_q, statistics(exact_q)
+            guard["steps"].append("exact re-solve with met constraints hard")
+            guard["exact"] = exact_info
+    if not np.isfinite(q).all():
+        q = np.full(n, eta)
+        after = statistics(q)
+        guard["steps"].append("uniform keep (q = eta)")
+    broken = met & ~(_excess(after, problem) <= tolerance)
+    if broken.any():
+        b = np.concatenate([before.representation, before.association.ravel()])
+        a = np.concatenate([after.representation, after.association.ravel()])
+        limit = np.concatenate([problem.eps_r, problem.eps_a.ravel()]) + tolerance
+        t = 1.0
+        for j in np.flatnonzero(broken):  # |(1 - t) b + t a| <= limit, |b| <= limit at t = 0
+            edge = limit[j] if a[j] > b[j] else -limit[j]
+            t = min(t, max(0.0, (edge - b[j]) / (a[j] - b[j])))
+        t *= 1 - 1e-9
+        q = eta + t * (q - eta)
+        after = statistics(q)
+        guard["steps"].append(f"moved toward uniform keeping (t = {t:.4g})")
+        guard["t"] = t
+    log.warning("M4 streaming solver: %s; %s", why, "; then ".join(guard["steps"]))
+    return duals, q, after, {**info, "guard": guard}
 
 
 def m4_subsample(q, seed: int) -> np.ndarray:

@@ -25,7 +25,7 @@ from pipeline.mixing.m4 import M4Duals, M4Problem
 
 def solve_exact(attributes: np.ndarray, labels: np.ndarray, utility: np.ndarray | None,
                 problem: M4Problem, *, tolerance: float = 1e-12,
-                max_iterations: int = 20000) -> tuple[M4Duals, dict]:
+                max_iterations: int = 20000, hard_bounds: np.ndarray | None = None) -> tuple[M4Duals, dict]:
     """Maximise the M4 dual on all N examples at once.
 
     Args:
@@ -33,6 +33,10 @@ def solve_exact(attributes: np.ndarray, labels: np.ndarray, utility: np.ndarray 
             caller, `m4_keep_probabilities(solver="exact")`).
         problem: the M4Problem.
         tolerance: L-BFGS-B's projected-gradient tolerance (mean(q a) units).
+        hard_bounds: optional (m + m*c,) bounds in E_q units ([representation, association
+            raveled]); where finite, that constraint is hard (|E_q[a_j]| <= bound, dual
+            unbounded) instead of priced at the enforcement C; NaN keeps it soft. M4's guard
+            uses it to keep constraints the data already met from being traded away.
 
     Returns:
         (duals, info) with info = {"iterations", "dual_value", "seconds", "converged", "message"}.
@@ -45,6 +49,11 @@ def solve_exact(attributes: np.ndarray, labels: np.ndarray, utility: np.ndarray 
     t = np.full(n, eta) if utility is None else eta + problem.utility_weight * np.asarray(utility, np.float64)
     eps = np.concatenate([problem.eps_r, problem.eps_a.ravel()]) * eta  # (D,) mean(q a) units
     size = m + m * c
+    hard = np.zeros(size, dtype=bool)
+    if hard_bounds is not None:
+        hard_bounds = np.asarray(hard_bounds, dtype=np.float64).reshape(size)
+        hard = np.isfinite(hard_bounds)
+        eps = np.where(hard, hard_bounds * eta, eps)
 
     def unpack(x: np.ndarray):
         lam = x[1:1 + size] - x[1 + size:]
@@ -63,7 +72,8 @@ def solve_exact(attributes: np.ndarray, labels: np.ndarray, utility: np.ndarray 
         return -value, -grad
 
     bound = problem.dual_bound
-    bounds = [(None, None)] + [(0.0, bound)] * (2 * size)
+    per_constraint = [(0.0, None) if h else (0.0, bound) for h in hard]
+    bounds = [(None, None)] + per_constraint * 2
     start = time.perf_counter()
     solution = minimize(negative_dual, np.zeros(1 + 2 * size), jac=True, method="L-BFGS-B",
                         bounds=bounds, options={"maxiter": max_iterations, "maxfun": 4 * max_iterations,

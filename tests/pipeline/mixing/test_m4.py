@@ -272,3 +272,50 @@ def test_stage_subsample_and_weights_modes(tmp_path):
     with pytest.raises(ValueError, match="must be in \\[0, 1\\]"):
         M4({"en": np.array([0.5, 1.5])})
     del rng
+
+
+# -- issue 11: the streaming solver never breaks what the data already met ------------------------
+
+def _met_then_broken(result, tolerance=1e-4):
+    from pipeline.mixing.m4 import _excess
+
+    problem = result.duals.problem
+    met = _excess(result.before, problem) <= tolerance
+    return met, met & (_excess(result.after, problem) > tolerance)
+
+
+def test_streaming_keeps_a_constraint_the_data_met_at_eps_zero(caplog):
+    # Attribute s0 is balanced in the data (E[s0] - pi = 0.0000); eps = 0 everywhere makes
+    # every other constraint unmeetable, and the streaming duals then traded s0 away
+    # (E[s0] - pi = -0.0255 before this guard); the guard re-solves exactly with s0 hard.
+    s, y = planted(2000, seed=1, skew=0.5)
+    with caplog.at_level("WARNING", logger="pipeline.mixing.m4"):
+        result = m4_keep_probabilities(s, y, eps_r=0.0, eps_a=0.0, batch_size=2048, on_violation="ignore")
+    met, broken = _met_then_broken(result)
+    assert met[0] and not broken.any()
+    assert abs(result.after.representation[0]) <= 1e-4
+    assert "broke constraint(s) the data already met: E[s0] - pi" in caplog.text
+    assert result.info["guard"]["steps"] == ["exact re-solve with met constraints hard"]
+    assert np.isclose(result.q.mean(), 0.9) and result.q.min() >= 0 and result.q.max() <= 1
+    uniform = m4_keep_probabilities(s, y, eta=1.0, eps_r=0.0, eps_a=0.0, on_violation="ignore")
+    assert result.penalized_objective < uniform.penalized_objective  # still balances the rest
+
+
+def test_streaming_guard_without_exact_moves_toward_uniform(monkeypatch):
+    import pipeline.mixing.m4 as m4
+
+    monkeypatch.setattr(m4, "EXACT_FALLBACK_LIMIT", 0)  # as if N were too large to solve exactly
+    s, y = planted(2000, seed=1, skew=0.5)
+    result = m4_keep_probabilities(s, y, eps_r=0.0, eps_a=0.0, batch_size=2048, on_violation="ignore")
+    met, broken = _met_then_broken(result)
+    assert met[0] and not broken.any()
+    assert 0 <= result.info["guard"]["t"] < 1
+    assert np.isclose(result.q.mean(), 0.9)
+
+
+def test_streaming_infeasible_request_still_names_the_failing_constraint():
+    s, y = planted(5000, seed=3, skew=0.8)
+    with pytest.raises(M4InfeasibleError) as caught:
+        m4_keep_probabilities(s, y, eps_r=0.0, eps_a=0.0, batch_size=2048, on_violation="raise",
+                              attribute_names=["gender", "age"])
+    assert "representation E[gender] - pi" in str(caught.value) and "exceeds by" in str(caught.value)
