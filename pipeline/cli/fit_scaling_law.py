@@ -18,7 +18,9 @@
         --law mixing --mixture-prefix train_ --loss-col 'metric/a_loss' --loss-col 'metric/b_loss' \\
         --optimise-mixture --out fits/
 
-Prints one table per fit (parameter, estimate, CI); writes ``OUT/fit.json`` and PNG plots
+Prints one table per fit (parameter, estimate, CI; "not determined" marks a parameter the data
+do not fix: degenerate design such as identical x, a zero-width or unbounded bootstrap
+interval, with a note saying why, also under ``not_determined`` in the JSON); writes ``OUT/fit.json`` and PNG plots
 (``fit*.png``, ``residuals*.png``, and ``frontier.png`` for the Chinchilla law). Bad input
 exits with status 2 and a message naming the column and value.
 """
@@ -43,6 +45,7 @@ from pipeline.scaling import (
     optimise_mixture,
     read_tables,
     table_from_frame,
+    undetermined_parameters,
 )
 
 log = logging.getLogger("fit_scaling_law")
@@ -113,7 +116,7 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def print_table(title: str, fit, boot, level: float) -> None:
+def print_table(title: str, fit, boot, level: float, undetermined: dict[str, str] | None = None) -> None:
     print(
         f"\n{title}: {fit.law.name} law, {fit.num_points} points, Huber objective {fit.objective:.6g} "
         f"(delta {fit.delta:g}), {fit.num_converged}/{fit.num_starts} starts converged"
@@ -129,7 +132,11 @@ def print_table(title: str, fit, boot, level: float) -> None:
         if boot is not None:
             lo, hi = boot.ci[name]
             row += f" [{_fmt(lo):>11}, {_fmt(hi):>11}]"
+        if undetermined and name in undetermined:
+            row += "  not determined"
         print(row)
+    for name, reason in (undetermined or {}).items():
+        print(f"note: {name} is {reason}")
     for name, side in fit.at_bounds().items():
         print(
             f"note: internal parameter {name!r} ended on its {side} bound "
@@ -228,8 +235,9 @@ def main(argv=None) -> int:
             )
         fits.append(fit)
         title = t.columns["loss"]
-        print_table(str(title), fit, boot, args.level)
-        entry = {"columns": t.columns, **fit.to_dict()}
+        undetermined = undetermined_parameters(fit, t.X, t.y, boot)
+        print_table(str(title), fit, boot, args.level, undetermined)
+        entry = {"columns": t.columns, **fit.to_dict(), "not_determined": undetermined}
         if boot is not None:
             entry["bootstrap"] = boot.to_dict()
         if args.law == "chinchilla" and args.budget:

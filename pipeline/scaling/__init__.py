@@ -9,7 +9,14 @@ Plots live in ``pipeline.scaling.plots`` (imports matplotlib) and are not import
 """
 
 from pipeline.scaling.bootstrap import BootstrapResult, bootstrap
-from pipeline.scaling.fit import DEFAULT_DELTA, FitResult, fit_law, huber, objective
+from pipeline.scaling.fit import (
+    DEFAULT_DELTA,
+    FitResult,
+    fit_law,
+    huber,
+    objective,
+    undetermined_parameters,
+)
 from pipeline.scaling.io import LAWS, Table, read_tables, table_from_frame
 from pipeline.scaling.laws import (
     ChinchillaLaw,
@@ -31,6 +38,7 @@ from pipeline.scaling.optimal import chinchilla_optimal, compute_optimal_numeric
 from pipeline.scaling.validation import errors, kfold_error, leave_out_error
 
 __all__ = [
+    "undetermined_parameters",
     "DEFAULT_DELTA",
     "LAWS",
     "BootstrapResult",

@@ -337,3 +337,57 @@ def fit_law(
         res.seconds,
     )
     return res
+
+
+def undetermined_parameters(fit: FitResult, X: np.ndarray, y: np.ndarray | None = None, boot=None,
+                            rtol: float = 1e-6) -> dict[str, str]:
+    """Public parameters the data do not determine: ``{name: reason}`` (empty when all are).
+
+    * Degenerate design: the Jacobian of log L over the rows (columns scaled to unit norm) is
+      rank-deficient, e.g. every x identical, or fewer distinct rows than parameters; a
+      parameter with weight in its null space can move without changing any prediction.
+    * With a bootstrap (``BootstrapResult``): an interval of zero width while the fit does not
+      interpolate the data (resamples cannot have moved it), a non-finite end, or more than the
+      interval's tail share of replicates on a box bound (the interval reaches the bound).
+    """
+    X = np.asarray(X, dtype=float)
+    law = fit.law
+    names = law.param_names
+    out: dict[str, str] = {}
+    _, jac = law.log_predict_and_jac(fit.theta, X)
+    jac = np.asarray(jac, dtype=float)
+    norms = np.linalg.norm(jac, axis=0)
+    for i in np.flatnonzero(~(norms > 0)):
+        out[names[i]] = "not determined: the predictions do not depend on it at these points"
+    scaled = jac / np.where(norms > 0, norms, 1.0)
+    _, sing, vt = np.linalg.svd(scaled, full_matrices=True)
+    rank = int(np.sum(sing > rtol * (sing.max() if sing.size else 0.0)))
+    null = vt[rank:]  # (p - rank, p)
+    if len(null):
+        distinct = len(np.unique(X, axis=0)) if X.ndim == 2 else len(np.unique(X))
+        for i in np.flatnonzero(np.sum(null**2, axis=0) > 1e-3):
+            out.setdefault(names[i], f"not determined: degenerate design ({distinct} distinct input "
+                                     f"point(s) for {law.num_params} parameters; Jacobian rank {rank})")
+    if boot is not None:
+        tail = (1 - boot.level) / 2
+        bounds = law.bounds()
+        interpolates = fit.objective <= 1e-12 * max(1.0, fit.num_points)
+        for i, name in enumerate(names):
+            lo, hi = boot.ci[name]
+            estimate = fit.params[name]
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                out.setdefault(name, "not determined: unbounded bootstrap interval")
+            elif hi - lo <= 1e-12 * max(1.0, abs(estimate)) and not interpolates:
+                out.setdefault(name, "not determined: zero-width bootstrap interval (every resample gave the same "
+                                     "value although the fit leaves residuals)")
+            else:
+                b_lo, b_hi = bounds[i]
+                column = boot.thetas[:, i]
+                on_bound = np.zeros(len(column), dtype=bool)
+                for bound in (b_lo, b_hi):
+                    if bound is not None:
+                        on_bound |= np.abs(column - bound) <= 1e-6 * max(1.0, abs(bound))
+                if on_bound.mean() > tail:
+                    out.setdefault(name, f"not determined: {on_bound.mean():.0%} of bootstrap fits end on its "
+                                         "bound (the interval reaches the bound)")
+    return {name: out[name] for name in names if name in out}

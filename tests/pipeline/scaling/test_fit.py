@@ -187,3 +187,38 @@ def test_bad_delta_and_method():
         fit_law(ChinchillaLaw(), X, y, delta=0.0)
     with pytest.raises(ValueError, match="method"):
         fit_law(ChinchillaLaw(), X, y, grid_size=1, method="nelder")
+
+
+# -- issue 11: parameters the data do not determine are flagged --------------------------------
+
+def test_identical_points_leave_every_parameter_not_determined():
+    from pipeline.scaling import undetermined_parameters
+
+    X, y = np.full((4, 1), 1000.0), np.full(4, 3.2)
+    fit = fit_law(PowerLaw(), X, y, grid_size=3)
+    boot = bootstrap(fit, X, y, num_boot=20, seed=0, n_jobs=1)
+    assert all(hi - lo == 0 for lo, hi in boot.ci.values())  # zero width: it looks "precise"
+    flagged = undetermined_parameters(fit, X, y, boot)
+    assert list(flagged) == ["A", "alpha", "E"]
+    assert all(r.startswith("not determined: degenerate design (1 distinct input point") for r in flagged.values())
+
+
+def test_a_well_posed_fit_has_nothing_flagged():
+    from pipeline.scaling import undetermined_parameters
+
+    X, y = _chinchilla_data(n=60)
+    fit = fit_law(ChinchillaLaw(), X, y, grid_size=2)
+    boot = bootstrap(fit, X, y, num_boot=20, seed=0, n_jobs=1)
+    assert undetermined_parameters(fit, X, y, boot) == {}
+
+
+def test_a_constant_second_input_leaves_its_terms_not_determined():
+    # Chinchilla with one data size D for every run: B and beta only act through B / D^beta.
+    from pipeline.scaling import undetermined_parameters
+
+    X, y = _chinchilla_data(n=40)
+    X[:, 1] = 1e10
+    y = ChinchillaLaw().predict_public(TRUE, X)
+    fit = fit_law(ChinchillaLaw(), X, y, grid_size=2)
+    flagged = undetermined_parameters(fit, X, y)
+    assert {"B", "beta"} <= set(flagged) and "alpha" not in flagged

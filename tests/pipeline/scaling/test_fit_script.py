@@ -127,3 +127,17 @@ def test_fit_script_bad_input_exits_2_naming_the_problem(tmp_path, capsys, mutat
     assert _script_module().main([*args, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o" / "fit.json").exists()
+
+
+def test_identical_points_are_flagged_not_determined(tmp_path):
+    """Issue 11: 4 identical points gave zero-width 95% intervals and no note."""
+    (tmp_path / "same.csv").write_text("x,loss\n" + "1000,3.2\n" * 4)
+    out = tmp_path / "out"
+    r = _run("--csv", tmp_path / "same.csv", "--law", "power", "--x-col", "x", "--loss-col", "loss",
+             "--grid-size", "2", "--bootstrap", "10", "--jobs", "1", "--no-plots", "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("A ", "alpha ", "E "))]
+    assert len(rows) == 3 and all(line.endswith("not determined") for line in rows)
+    assert "note: alpha is not determined: degenerate design" in r.stdout
+    fit = json.loads((out / "fit.json").read_text())["fits"][0]
+    assert sorted(fit["not_determined"]) == ["A", "E", "alpha"]
