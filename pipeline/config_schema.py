@@ -340,6 +340,7 @@ class RootSchema:
     experiment_name: Optional[str] = None  # noqa: UP045  (set by experiment files)
     output_dir: Optional[str] = MISSING  # noqa: UP045
     ckpt_path: Optional[str] = MISSING  # noqa: UP045
+    overwrite: bool = MISSING  # replace a previous run in output_dir (else refused unless ckpt_path resumes it)
     model: Any = MISSING  # typed by the option's schema (lm_schema, contrastive_schema)
     loss: LossSchema = MISSING
     trainer: TrainerSchema = MISSING

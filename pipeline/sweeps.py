@@ -3,6 +3,12 @@
 A run directory is any directory holding `results.json` (written by `pipeline.train`) or
 Hydra's `.hydra/config.yaml` (a run that started). Runs that failed or never finished
 are rows too, with their status and reason, so a sweep with holes still collects.
+
+Status column: ``completed`` (the planned run finished), ``stopped`` (a deliberate
+``+trainer.max_steps`` stop short of the plan; resuming finishes it), ``failed`` (anything
+else: an error, a non-finite loss, a preemption not yet resumed), ``unfinished`` or
+``unreadable``; `reason` carries the run's own status line. results.json is strict JSON:
+null metrics become NaN in the table.
 """
 
 from __future__ import annotations
@@ -71,12 +77,13 @@ def _run_rows(run_dir: Path, root: Path) -> list[dict[str, Any]]:
         record = json.loads(results_path.read_text())
     except json.JSONDecodeError as error:
         return [{**base, "status": "unreadable", "reason": f"results.json: {error}"}]
-    metrics = record.get("metrics", {})
+    metrics = {k: _number(v) for k, v in (record.get("metrics") or {}).items()}
     status = str(record.get("status", "unknown"))
+    kind = "completed" if status == "completed" else "stopped" if status.startswith("stopped") else "failed"
     num_parameters = record.get("num_parameters")
     tokens = record.get("tokens_seen_total")
     base.update(
-        status="completed" if status == "completed" else "failed",
+        status=kind,
         reason="" if status == "completed" else status,
         experiment=record.get("experiment"),
         config_digest=record.get("config_digest"),
@@ -103,10 +110,20 @@ def _run_rows(run_dir: Path, root: Path) -> list[dict[str, Any]]:
             "documents_train": info.get("documents_train"), "tokens_seen": info.get("tokens_seen"),
             "samples_seen": info.get("samples_seen"), "epochs": info.get("epochs"),
             "final_prob": info.get("final_prob"), "final_loss_weight": info.get("final_loss_weight"),
-            "source_val_loss": info.get("val_loss"), "source_val_ppl": info.get("val_ppl"),
-            "source_val_chrf": info.get("val_chrf"),
+            "source_val_loss": _number(info.get("val_loss")), "source_val_ppl": _number(info.get("val_ppl")),
+            "source_val_chrf": _number(info.get("val_chrf")),
         })
     return rows
+
+
+def _number(value: Any) -> float:
+    """A metric from results.json as a float: null (a non-finite or missing value) is NaN."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def collect(root: Path) -> pd.DataFrame:

@@ -24,15 +24,18 @@ from pipeline.checkpointing import AtomicCheckpointIO, check_resume_identity, re
 from pipeline.config_location import CONFIG_DIR
 from pipeline.config_schema import check_targets  # (importing it registers base_config)
 from pipeline.datamodule import datamodule_from_config
+from pipeline.divergence import Diverged
 from pipeline.image_text import image_text_datamodule_from_config, is_image_text
 from pipeline.mixing.report import build_report, format_report
 from pipeline.preemption import Preempted, cluster_plugins
 from pipeline.prepare import prepare
+from pipeline.run_lock import claim_output_dir
 from pipeline.run_outputs import (
     build_callbacks,
     build_logger,
     checkpoints_dir_of,
     config_digest,
+    end_status,
     format_results_table,
     log_run_start,
     results_record,
@@ -79,7 +82,13 @@ def train(cfg: DictConfig) -> dict:
     geometry = geometry_from_config(cfg)
     check_targets(cfg)  # mixture stage and data recipe keys against their _target_, before any work
     output_dir = output_dir_of(cfg)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # One job per output_dir, and no fresh run over a previous one (overwrite=true replaces
+    # it, ckpt_path resumes it): refused here, before any data is prepared.
+    with claim_output_dir(output_dir, overwrite=bool(cfg.get("overwrite")), resuming=bool(cfg.get("ckpt_path"))):
+        return _train(cfg, output_dir, geometry, started)
+
+
+def _train(cfg: DictConfig, output_dir: Path, geometry, started: float) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     cache = Path(cfg.cache_dir)
@@ -104,7 +113,7 @@ def train(cfg: DictConfig) -> dict:
                                  for lang in (corpus.source_info(n)["src_lang"], corpus.source_info(n)["tgt_lang"])}),
         tokenizer_path=str(tokenizer.path), _convert_="all",
     )
-    model.restart_stream_on_load = restart_stream
+    datamodule.restart_stream_on_load = restart_stream  # the datamodule owns the stream (and its restart)
     logger = build_logger(cfg, output_dir)
     strategy = instantiate(cfg.strategy)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -132,8 +141,13 @@ def train(cfg: DictConfig) -> dict:
     status = "completed"
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        # "stopped: max_steps N of M planned" when `+trainer.max_steps` ended it early (exit 0).
+        status = end_status(trainer.global_step, cfg.run.total_steps)
     except Preempted as stop:  # a signal: complete checkpoint saved, exit status 1
         status = f"preempted: checkpoint at step {stop.step}"
+        raise
+    except Diverged as stop:  # NaN/inf loss on some rank: every rank stops, exit status 1
+        status = f"failed: non-finite loss at step {stop.step}"
         raise
     except BaseException as error:
         status = f"failed: {type(error).__name__}: {error}"
