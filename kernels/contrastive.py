@@ -56,6 +56,11 @@ from kernels.reference import acc_dtype, contrastive_loss_reference
 # naive loss (4.9-6.3 s vs 8.3-13.4 s); with 2 threads on the loaded shared VM every
 # per-tile op pays OpenMP barrier waits and 1024 took 2-4x the naive time, 2048 ~1.2-1.4x.
 DEFAULT_SIGMOID_BLOCK = 1024
+# Softmax rows per chunk of the fused cross-entropy (T x B fp32 buffer: 16 MiB at B = 8192).
+# Its own default (32 MiB, >= 256 rows) gave 1024 rows here and an extra peak of 104-121 MiB
+# at B = 8192, D = 256 (0.096-0.112 of the naive 1.08 GiB; 2026-11-30 runs), two fused
+# calls each holding a buffer; 512 halves the buffer.
+DEFAULT_SOFTMAX_BLOCK = 512
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -269,7 +274,8 @@ def contrastive_loss(
                              offset)
     elif kind == "softmax":
         target = torch.arange(offset, offset + bl, device=dev)
-        common = dict(token_weight=w_loc, reduction="sum", impl=impl, chunk_size=block_size)
+        common = dict(token_weight=w_loc, reduction="sum", impl=impl,
+                      chunk_size=block_size or DEFAULT_SOFTMAX_BLOCK)
         # The scale multiplies the rows (Bl x D) rather than the logits: same product, and
         # autograd gives its gradient without ever seeing a Bl x B matrix.
         share = (fused_linear_cross_entropy(image * scale, y_all, target, **common)

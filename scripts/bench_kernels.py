@@ -236,6 +236,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int,
                         help="torch threads in every worker (default: torch's own choice); 1 "
                              "avoids OpenMP barrier waits that dominate on a loaded machine")
+    parser.add_argument("--cases", help="only the cases whose name contains this text "
+                                            "(e.g. 'V=65536', 'softmax')")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -249,6 +251,10 @@ def main() -> None:
     cases = dict(QUICK_CASES) if args.quick else {**FLCE_CASES, **CONTRASTIVE_CASES}
     if args.big:
         cases.update(BIG_CASES)
+    if args.cases:
+        cases = {name: spec for name, spec in cases.items() if args.cases in name}
+        if not cases:
+            parser.error(f"--cases {args.cases!r} matches no case")
     if args.repeats is not None:
         if args.repeats < 1:
             parser.error(f"--repeats must be >= 1, got {args.repeats}")
