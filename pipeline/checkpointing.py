@@ -187,7 +187,7 @@ def verify_checkpoint(checkpoint: Path) -> bool:
                                      f"{error}") from error
     root = checkpoint if checkpoint.is_dir() else checkpoint.parent
     try:
-        verify_files(root, record, f"checkpoint {checkpoint}")
+        verify_files(root, record, f"sharded checkpoint {checkpoint}" if checkpoint.is_dir() else "checkpoint")
     except IntegrityError as error:
         raise CorruptCheckpointError(str(error)) from error
     if signature:

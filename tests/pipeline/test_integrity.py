@@ -243,3 +243,36 @@ def test_a_killed_preparation_leaves_no_temp_folder_for_good(tmp_path):
     prepare_sources(_Recipe(), tmp_path, progress=False)
     left = sorted(p.name for p in prepared.iterdir() if p.name.startswith(".tmp-"))
     assert left == sorted([live.name, unowned_fresh.name])
+
+
+# -- end to end: a real run's checkpoints, last.json gone and the newest one corrupted -------------
+
+def test_a_run_resumes_from_the_newest_verified_checkpoint_without_last_json(compose_config, demo_data, tmp_path,
+                                                                             caplog):
+    from pipeline.train import train
+
+    HALF = 3  # checkpoints at steps 2 and 3 (the end of the first invocation); 6 steps in all
+    run = ["experiment=demo", f"run.total_steps={2 * HALF}", "run.global_batch_size=8", "loader.micro_batch_size=4",
+           "logger=none", "trainer.enable_progress_bar=false", "progress=false", "checkpoint.every_n_steps=2",
+           "validation.documents_per_source=2", "evaluation.every_n_steps=null", "model.schedule.warmup_steps=2",
+           f"cache_dir={demo_data[0].cache_dir}"]
+
+    def _run(compose_config, demo_data, out, *overrides):
+        return train(compose_config([*run, f"output_dir={out}", *overrides]))
+
+    out = tmp_path / "run"
+    first = _run(compose_config, demo_data, out, f"+trainer.max_steps={HALF}")
+    assert first["global_steps"] == HALF
+    checkpoints = out / "checkpoints"
+    newest, older = checkpoints / f"step{HALF:06d}.ckpt", checkpoints / f"step{HALF - 1:06d}.ckpt"
+    assert verify_checkpoint(newest) and verify_checkpoint(older)  # the training path writes records
+    (checkpoints / "last.json").unlink()
+    _corrupt(newest)
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpointing"):
+        second = _run(compose_config, demo_data, out, "ckpt_path=last")
+    assert "last.json is missing; resuming from" in caplog.text and str(older) in caplog.text
+    assert f"{newest} is corrupted" in caplog.text
+    assert second["status"] == "completed" and second["global_steps"] == 2 * HALF
+    assert verify_checkpoint(checkpoints / f"step{2 * HALF:06d}.ckpt")
+    with pytest.raises(CorruptCheckpointError):  # the bad file is named, never deleted
+        verify_checkpoint(newest)
