@@ -271,6 +271,13 @@ TATOEBA_SWEEP = (
     "gsw,ast,ang,cha,xho,amh,fry,tuk,jav,awa]' run.total_steps=400 run.global_batch_size=64 logger=csv "
     "trainer.enable_progress_bar=false progress=false evaluation.every_n_steps=100 "
     "checkpoint.every_n_steps=100000 hydra.sweep.dir=sweeps/tatoeba_upweight")
+CCE_VENV = ".venv/bin/python -m venv /tmp/venv-cce"
+CCE_PTH = 'echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/venv-cce/lib/python3.11/site-packages/zz_project_venv.pth'
+CCE_INSTALL = "/tmp/venv-cce/bin/pip install --no-deps cut-cross-entropy"
+CCE_BENCHES = ("/tmp/venv-cce/bin/python scripts/bench_kernels.py --threads 1 --json .cache/bench_kernels_t1.json",
+               "/tmp/venv-cce/bin/python scripts/bench_kernels.py --json .cache/bench_kernels_t2.json",
+               "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases V=65536 --repeats 5",
+               "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases softmax")
 MIXTURES = ",".join(sorted(p.stem for p in (REPO / "conf" / "mixture").glob("*.yaml")))
 
 COVERAGE: dict[str, Scaled] = {
@@ -366,7 +373,16 @@ COVERAGE: dict[str, Scaled] = {
     ".venv/bin/python scripts/collect_sweep.py sweeps/tatoeba_upweight --group high=eng,afr,ara,aze,bel,ben,ber,"
     "bre,bul,cat,cbk,ces --group low=tzl,swg,gsw,ast,ang,cha,xho,amh,fry,tuk,jav,awa --group eng=eng":
         Scaled(after=(TATOEBA_SWEEP,), needs_shared=True, slow=True, check=output_contains("per group")),
+    # docs/BENCHMARKS.md: the CCE baseline's throwaway venv, then the kernels benchmark with it
+    CCE_VENV: Scaled(replace=(("/tmp/venv-cce", "{ws}/venv-cce"),), slow=True),
+    CCE_PTH: Scaled(replace=(("/tmp/venv-cce", "{ws}/venv-cce"),), after=(CCE_VENV,), slow=True),
+    CCE_INSTALL: Scaled(replace=(("/tmp/venv-cce", "{ws}/venv-cce"),), after=(CCE_PTH,), slow=True,
+                        check=output_contains("Successfully installed cut-cross-entropy")),
+    **{command: Scaled(replace=(("/tmp/venv-cce", "{ws}/venv-cce"),), append=("--quick", "--repeats", "1"),
+                       after=(CCE_INSTALL,), slow=True, check=output_contains("CCE"))
+       for command in CCE_BENCHES},
     # docs/BENCHMARKS.md: benchmarks, at their smallest
+    ".venv/bin/python scripts/bench_install.py --repeats 1": Scaled(append=("--skip-pip",), slow=True),
     ".venv/bin/python scripts/bench_sampler.py --profile --json .cache/bench_sampler.json":
         Scaled(append=("--quick",), slow=True, check=files_exist(".cache/bench_sampler.json")),
     ".venv/bin/python scripts/bench_sampler.py --num-sources 50": Scaled(append=("--quick",), slow=True),

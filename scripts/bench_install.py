@@ -1,0 +1,93 @@
+"""Install time of the environment: the locked uv install (`make`) against the unlocked pip one.
+
+    .venv/bin/python scripts/bench_install.py --repeats 1
+
+Each case builds a new virtual environment in a temporary folder and installs the project with
+its `dev` extra, as the Makefile does:
+
+* `pip, unlocked, cold` (the install before requirements.lock): `pip install torch==2.13.0`, then
+  `pip install -e '.[dev]'` resolving every other version afresh, with pip's cache disabled;
+* `uv, locked, cold`: `uv pip install --require-hashes -r requirements.lock`, then the project
+  with `--no-deps`, into an empty uv cache (downloads and the deepspeed build included);
+* `uv, locked, warm`: the same with the cache the cold run filled (what a second `make`, a CI
+  rerun or a new clone on the same machine pays).
+
+Prints wall seconds per case (median over repeats) and ratios to the pip install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TORCH_WHEELS = Path("/opt/wheels")
+UV_VERSION = "0.13.9"
+
+
+def _run(*command: str, env: dict | None = None) -> None:
+    subprocess.run(list(command), check=True, env=env, stdout=subprocess.DEVNULL, timeout=3600)
+
+
+def pip_unlocked(root: Path, cache: Path) -> None:
+    venv = root / "venv"
+    _run(sys.executable, "-m", "venv", str(venv))
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-cache-dir"]
+    _run(*pip, "torch==2.13.0")
+    _run(*pip, "-e", f"{REPO}[dev]")
+
+
+def uv_locked(root: Path, cache: Path) -> None:
+    import os
+
+    venv = root / "venv"
+    _run(sys.executable, "-m", "venv", str(venv))
+    python = str(venv / "bin" / "python")
+    _run(python, "-m", "pip", "install", "--quiet", f"uv=={UV_VERSION}")
+    env = {**os.environ, "UV_CACHE_DIR": str(cache)}
+    torch_source = ["--find-links", str(TORCH_WHEELS)] if TORCH_WHEELS.is_dir() else [
+        "--extra-index-url", "https://download.pytorch.org/whl/cpu", "--index-strategy", "unsafe-best-match"]
+    uv = str(venv / "bin" / "uv")
+    _run(uv, "pip", "install", "--quiet", "--python", python, "--require-hashes", "-r",
+         str(REPO / "requirements.lock"), *torch_source, "--no-build-isolation-package", "deepspeed", env=env)
+    _run(uv, "pip", "install", "--quiet", "--python", python, "--no-deps", "-e", str(REPO), env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--skip-pip", action="store_true", help="only the uv cases (the pip case takes minutes)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    times: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as scratch:
+            scratch = Path(scratch)
+            uv_cache = scratch / "uv-cache"
+            cases = [("uv, locked, cold", uv_locked), ("uv, locked, warm", uv_locked)]
+            if not args.skip_pip:
+                cases.insert(0, ("pip, unlocked, cold", pip_unlocked))
+            for number, (name, install) in enumerate(cases):
+                started = time.perf_counter()
+                install(scratch / f"case{number}", uv_cache)
+                times.setdefault(name, []).append(time.perf_counter() - started)
+                print(f"{name}: {times[name][-1]:.1f} s", flush=True)
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    baseline = medians.get("pip, unlocked, cold")
+    print(f"\n{'case':<22} {'median s':>9} {'/ pip':>7}")
+    for name, median in medians.items():
+        ratio = f"{median / baseline:7.2f}" if baseline else f"{'-':>7}"
+        print(f"{name:<22} {median:9.1f} {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
