@@ -11,7 +11,10 @@ Every batch carries, besides token ids (see `pipeline.examples`):
 
 The stream position is the optimizer step: the checkpoint state is the sampler state at
 ``trainer.global_step``, so a resumed run (at any world size) continues with the next
-global batch. Each source keeps a held-out validation split (`pipeline.split`).
+global batch. A resume that `resume.allow_mismatch=true` let change the stream sets
+`restart_stream_on_load`: this run's stream then continues at the checkpoint's step.
+The plan's ``example_keep`` is applied by the sampler, its ``example_weights`` by the
+collator (`pipeline.examples.plan_loss_weight`). Each source keeps a held-out validation split (`pipeline.split`).
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class MixtureDataModule(LightningDataModule):
         super().__init__()
         self.corpus, self.tokenizer, self.sampler, self.split = corpus, tokenizer, sampler, split
         self.sources = list(sampler.sources)
-        mismatch = [n for n in self.sources if int(sampler.num_documents[self.sources.index(n)]) != split.train[n]]
+        mismatch = [n for n in self.sources if int(sampler.total_documents[self.sources.index(n)]) != split.train[n]]
         if mismatch:
             raise ValueError(f"sampler sizes disagree with the split's training sizes for {mismatch[0]!r}")
         self.micro_batch_size = check_micro_batch_size(micro_batch_size)  # None allowed; see geometry()
@@ -93,10 +96,14 @@ class MixtureDataModule(LightningDataModule):
         self.train_set = MixtureDataset(corpus, tokenizer, self.sources, split, "train", max_length, direction)
         self.val_set = MixtureDataset(corpus, tokenizer, self.sources, split, "val", max_length, direction)
         self.collate = MixtureCollator(lambda step: sampler.plan_at(step).loss_weights,
-                                       tokenizer.pad_id, max_length, pack)
+                                       tokenizer.pad_id, max_length, pack, example_weights=sampler.example_weights)
         self.val_collate = MixtureCollator(lambda step: None, tokenizer.pad_id, max_length, pack=False)
         self.num_workers = int(num_workers)
         self.start_step = 0
+        # Set by pipeline.train when `resume.allow_mismatch=true` resumes a checkpoint of another
+        # stream (other sources, mixture or sampler): its saved sampler state is not checked,
+        # only its step is kept, and this run's stream continues there.
+        self.restart_stream_on_load = False
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -162,8 +169,16 @@ class MixtureDataModule(LightningDataModule):
         return {"sampler": self.sampler.state_dict(self.consumed_steps())}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume the stream from a saved state (the datamodule's own checkpoint entry and
+        the fit loop's dataloader state both come here). With `restart_stream_on_load` the
+        state is another stream's: only its step is read."""
         if "sampler" not in state:
             raise ValueError("datamodule state has no 'sampler' entry (checkpoint from another datamodule?)")
+        if self.restart_stream_on_load:
+            if "step" not in state["sampler"]:
+                raise ValueError("sampler state is missing key 'step'")
+            self.start_step = int(state["sampler"]["step"])
+            return
         self.start_step = self.sampler.load_state_dict(state["sampler"])
 
 
@@ -175,16 +190,31 @@ def build_split(cfg, corpus, names: Sequence[str]) -> SourceSplit:
                        seed=validation.get("seed", 0))
 
 
-def build_sampler_for(cfg, corpus, split: SourceSplit | None = None) -> MixtureSampler:
-    """Sampler over the training side of the sources selected by `cfg.sources`."""
-    from pipeline.mixing.config import build_sampler, mixture_sizes
+def build_sampler_for(cfg, corpus, split: SourceSplit | None = None, then=None,
+                      document_sizes: Mapping[str, int] | None = None) -> MixtureSampler:
+    """Sampler over the training side of the sources selected by `cfg.sources`.
+
+    Args:
+        then: an extra mixing stage applied after `cfg.mixture`'s (e.g. the `M4` stage of
+            ``balance=m4``, whose plan carries ``example_keep`` or ``example_weights``).
+        document_sizes: the sizes the stages see when ``mixture.size_unit=documents``
+            (default: the training sizes; ``balance=m4`` subsample: the kept counts).
+    """
+    from pipeline.mixing import Compose
+    from pipeline.mixing.config import build_sampler, build_stage, mixture_sizes
 
     names = select_sources(corpus, cfg.sources.kinds, cfg.sources.include, cfg.sources.exclude)
     split = split or build_split(cfg, corpus, names)
     sizes = mixture_sizes(cfg.mixture, corpus.sizes)
     if cfg.mixture.get("size_unit", "documents") == "documents":
-        sizes = split.train
-    return build_sampler(cfg, {n: split.train[n] for n in names}, {n: sizes[n] for n in names})
+        sizes = {**split.train, **(document_sizes or {})}
+    num_documents, sizes = {n: split.train[n] for n in names}, {n: sizes[n] for n in names}
+    if then is None:
+        return build_sampler(cfg, num_documents, sizes)
+    return MixtureSampler(Compose([*build_stage(cfg.mixture).stages, then]), num_documents,
+                          global_batch_size=cfg.run.global_batch_size, total_steps=cfg.run.total_steps,
+                          seed=cfg.seed, mode=cfg.sampler.mode, mixture_sizes=sizes,
+                          update_steps=cfg.sampler.get("update_steps"))
 
 
 def datamodule_from_config(cfg, corpus, tokenizer) -> MixtureDataModule:

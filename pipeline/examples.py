@@ -5,7 +5,8 @@ decoder-only translation, ``<2tgt> source-text <eos> target-text <eos>``, with t
 only on the target side (GNMT's target-language tag).
 
 Items are (source_id, example_index, step) triples from the sampler. `step >= 0` weights
-targets by the plan's loss weight at that step; `VALIDATION_STEP` weights them 1;
+targets by the plan's loss weight at that step (times the example's factor when the plan
+has ``example_weights``, M4 weights mode); `VALIDATION_STEP` weights them 1;
 `PADDING_STEP` marks filler rows (no targets) that keep ranks in lock-step.
 """
 
@@ -141,17 +142,26 @@ class MixtureDataset(Dataset):
         return out
 
 
-def plan_loss_weight(example: dict[str, Any], loss_weights, cache: dict[int, Any]) -> float:
-    """The plan's loss weight of the example's source at its step: 0 for padding rows, 1 for
-    validation rows. `loss_weights`: step -> (S,) weights, memoised per step in `cache`."""
+def plan_loss_weight(example: dict[str, Any], loss_weights, cache: dict[int, Any], example_weights=None) -> float:
+    """The plan's loss weight of the example at its step: the source's weight times, when
+    the plan has ``example_weights`` for the source, the example's own factor (indexed by
+    the example's training index); 0 for padding rows, 1 for validation rows.
+
+    Args:
+        loss_weights: step -> (S,) weights; example_weights: None, or step -> per source id
+            a (documents,) array of factors or None. Both memoised per step in `cache`.
+    """
     step = example["step"]
     if step == PADDING_STEP:
         return 0.0
     if step == VALIDATION_STEP:
         return 1.0
     if step not in cache:
-        cache[step] = loss_weights(step)
-    return float(cache[step][example["source_id"]])
+        cache[step] = (loss_weights(step), example_weights(step) if example_weights is not None else None)
+    weights, factors = cache[step]
+    weight = float(weights[example["source_id"]])
+    factor = None if factors is None else factors[example["source_id"]]
+    return weight if factor is None else weight * float(factor[example["index"]])
 
 
 class MixtureCollator:
@@ -159,13 +169,17 @@ class MixtureCollator:
 
     Args:
         loss_weights: callable step -> (S,) loss weights of the plan at that step.
+        example_weights: optional callable step -> per source id the plan's
+            ``example_weights`` array or None (`MixtureSampler.example_weights`): each
+            example's factor is multiplied into its tokens' weight.
     """
 
-    def __init__(self, loss_weights, pad_id: int, max_length: int, pack: bool = False):
+    def __init__(self, loss_weights, pad_id: int, max_length: int, pack: bool = False, example_weights=None):
         self.loss_weights, self.pad_id, self.max_length, self.pack = loss_weights, pad_id, max_length, pack
+        self.example_weights = example_weights
 
     def _weight(self, example: dict[str, Any], cache: dict[int, Any]) -> float:
-        return plan_loss_weight(example, self.loss_weights, cache)
+        return plan_loss_weight(example, self.loss_weights, cache, self.example_weights)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         cache: dict[int, Any] = {}

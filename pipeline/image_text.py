@@ -8,8 +8,8 @@ A batch carries:
   right-padded, ``eos_positions`` (B,) the index of each row's last real token;
 * ``attributes`` (B, m) and ``labels`` (B, c) as 0/1 floats;
 * ``source_ids`` (B,); ``weights`` (B,): the plan's loss weight of the row's source at its
-  step times the row's example weight (M4 ``mode=weights``; 1 otherwise), 1 for validation
-  rows and 0 for padding rows;
+  step times the row's factor in the plan's ``example_weights`` (M4 ``mode=weights``; 1
+  otherwise), 1 for validation rows and 0 for padding rows;
 * ``is_reference`` (B,): rows of a ``role=reference`` source (bias evaluation only).
 
 Reference sources (``attributes.role == "reference"`` in the manifest) never enter training;
@@ -18,7 +18,7 @@ validation reads every row of them after the held-out rows of the training sourc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -77,47 +77,6 @@ def decode_images(blobs: Sequence[bytes], size: Sequence[int], where: str = "") 
     return torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-class KeptSplit(SourceSplit):
-    """A split whose training side is a kept subset (M4 ``mode=subsample``).
-
-    Training example j of source n is the j-th kept row; validation is the base split's.
-
-    Args:
-        base: the full per-source split.
-        kept: {source: sorted training indices of `base` to keep}.
-    """
-
-    def __init__(self, base: SourceSplit, kept: Mapping[str, np.ndarray]):
-        self.__dict__.update(base.__dict__)
-        self.base = base
-        self.kept = {}
-        for name in base.sources:
-            idx = np.asarray(kept[name], dtype=np.int64)
-            if idx.size == 0:
-                raise ValueError(f"M4 kept no training example of source {name!r}")
-            if idx.min() < 0 or idx.max() >= base.train[name]:
-                raise ValueError(f"kept indices out of range for source {name!r}")
-            self.kept[name] = idx
-        self.train = {name: int(self.kept[name].size) for name in base.sources}
-
-    def rows_many(self, names, source_ids, indices, part="train"):
-        if part != "train":
-            return self.base.rows_many(names, source_ids, indices, part)
-        source_ids = np.asarray(source_ids, dtype=np.int64)
-        indices = np.asarray(indices, dtype=np.int64)
-        base_indices = np.empty_like(indices)
-        for s in np.unique(source_ids).tolist():
-            at = source_ids == s
-            kept = self.kept[names[s]]
-            if indices[at].size and (indices[at].min() < 0 or indices[at].max() >= kept.size):
-                raise ValueError(f"train index out of range for source {names[s]!r} ({kept.size} kept rows)")
-            base_indices[at] = kept[indices[at]]
-        return self.base.rows_many(names, source_ids, base_indices, part)
-
-    def train_rows(self, name, indices):
-        return self.base.train_rows(name, self.kept[name][np.asarray(indices, dtype=np.int64)])
-
-
 class ImageTextDataset(Dataset):
     """Map-style dataset over (source_id, example_index, step) triples of image-text sources.
 
@@ -127,12 +86,10 @@ class ImageTextDataset(Dataset):
             source_id >= len(sources) reads reference row `example_index` directly.
         split: the per-source split; `part` picks the side for training sources.
         max_length: caption tokens per row including bos/eos.
-        example_weights: optional {source: (train size,) float} per-example loss weights.
     """
 
     def __init__(self, corpus, tokenizer, sources: Sequence[str], split: SourceSplit,
-                 part: str = "train", max_length: int = 32, reference: Sequence[str] = (),
-                 example_weights: Mapping[str, np.ndarray] | None = None):
+                 part: str = "train", max_length: int = 32, reference: Sequence[str] = ()):
         if part not in ("train", "val"):
             raise ValueError(f"part must be 'train' or 'val', got {part!r}")
         if max_length < 4:
@@ -142,7 +99,6 @@ class ImageTextDataset(Dataset):
         self.corpus, self.tokenizer, self.split, self.part = corpus, tokenizer, split, part
         self.reader = RowReader(corpus, self.sources + self.reference)
         self.max_length = int(max_length)
-        self.example_weights = dict(example_weights or {})
 
     def build(self, items: Sequence[tuple[int, int, int]]) -> list[dict[str, Any]]:
         if not items:
@@ -159,15 +115,11 @@ class ImageTextDataset(Dataset):
         tok = self.tokenizer
         examples = []
         for (source_id, index, step), record, ids in zip(items, records, encoded, strict=True):
-            weight = 1.0
-            name = self.sources[source_id] if source_id < num else None
-            if self.part == "train" and name in self.example_weights:
-                weight = float(self.example_weights[name][index])
             examples.append({
                 "ids": [tok.bos_id, *ids[: self.max_length - 2], tok.eos_id], "image": record["image"],
                 "attributes": record["attributes"], "labels": record["labels"],
                 "source_id": int(source_id), "index": int(index), "step": int(step),
-                "example_weight": weight, "is_reference": source_id >= num,
+                "is_reference": source_id >= num,
             })
         return examples
 
@@ -188,13 +140,16 @@ class ImageTextCollator:
     Args:
         loss_weights: callable step -> (S,) plan loss weights (None for validation).
         pad_id: padding token id; image_size: (H, W).
+        example_weights: optional callable step -> per source id the plan's
+            ``example_weights`` array or None (`MixtureSampler.example_weights`).
     """
 
-    def __init__(self, loss_weights, pad_id: int, image_size: Sequence[int]):
+    def __init__(self, loss_weights, pad_id: int, image_size: Sequence[int], example_weights=None):
         self.loss_weights, self.pad_id, self.image_size = loss_weights, pad_id, tuple(image_size)
+        self.example_weights = example_weights
 
     def _weight(self, example: dict[str, Any], cache: dict[int, Any]) -> float:
-        return plan_loss_weight(example, self.loss_weights, cache) * example["example_weight"]
+        return plan_loss_weight(example, self.loss_weights, cache, self.example_weights)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         cache: dict[int, Any] = {}
@@ -221,24 +176,24 @@ class ImageTextDataModule(MixtureDataModule):
 
     Args:
         reference: ``role=reference`` sources evaluated (every row) after validation rows.
-        example_weights: per-example loss weights of the training rows (M4 ``mode=weights``).
-        Others as `MixtureDataModule` (max_length counts caption tokens).
+        Others as `MixtureDataModule` (max_length counts caption tokens). The sampler's plan
+        carries M4 (``balance=m4``): ``example_keep`` (drawn by the sampler) or
+        ``example_weights`` (applied by the collator).
     """
 
     def __init__(self, corpus, tokenizer, sampler, split: SourceSplit, micro_batch_size: int | None,
-                 max_length: int = 32, num_workers: int = 0, reference: Sequence[str] = (),
-                 example_weights: Mapping[str, np.ndarray] | None = None):
+                 max_length: int = 32, num_workers: int = 0, reference: Sequence[str] = ()):
         super().__init__(corpus, tokenizer, sampler, split, micro_batch_size, max(4, max_length),
                          num_workers=num_workers)
         self.reference = list(reference)
         self.train_set = ImageTextDataset(corpus, tokenizer, self.sources, split, "train", max_length,
-                                          self.reference, example_weights)
+                                          self.reference)
         self.val_set = ImageTextDataset(corpus, tokenizer, self.sources, split, "val", max_length,
                                         self.reference)
         self.info = self.train_set.info
         size = self.info["image_size"]
         self.collate = ImageTextCollator(lambda step: sampler.plan_at(step).loss_weights,
-                                         tokenizer.pad_id, size)
+                                         tokenizer.pad_id, size, example_weights=sampler.example_weights)
         self.val_collate = ImageTextCollator(lambda step: None, tokenizer.pad_id, size)
 
     def validation_items(self) -> list[tuple[int, int, int]]:
@@ -268,15 +223,17 @@ def image_text_datamodule_from_config(cfg, corpus, tokenizer) -> ImageTextDataMo
     info = image_text_info(corpus, names)
     reference = [n for n in reference_sources(corpus) if n not in names]
     split = build_split(cfg, corpus, names)
-    example_weights, report = None, None
+    stage, report = None, None
     balance = cfg.get("balance") or {}
     if balance and balance.get("method", "none") != "none":
         from pipeline.multimodal_balance import balance_split
 
-        split, example_weights, report = balance_split(balance, corpus, names, split, info, seed=cfg.seed)
-    sampler = build_sampler_for(cfg, corpus, split)
+        # M4 is one more mixing stage: its plan keeps rows (subsample) or weights them.
+        split, stage, report = balance_split(balance, corpus, names, split, info, seed=cfg.seed)
+    sampler = build_sampler_for(cfg, corpus, split, then=stage,
+                                document_sizes=(report or {}).get("kept_rows"))
     loader = cfg.loader
     datamodule = ImageTextDataModule(corpus, tokenizer, sampler, split, loader.micro_batch_size,
-                                     loader.max_length, loader.num_workers, reference, example_weights)
+                                     loader.max_length, loader.num_workers, reference)
     datamodule.balance_report = report  # M4 data statistics before/after (None: no balancing)
     return datamodule

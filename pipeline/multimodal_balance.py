@@ -2,12 +2,16 @@
 
 Reads the sensitive attributes and labels of every *training* row (the held-out rows are
 left alone), solves M4 jointly over the selected sources (`pipeline.mixing.m4.solve_sources`),
-then applies it through the `M4` mixing stage's own per-example outputs:
+then applies it as an `M4` mixing stage after the configured mixture's stages, through the
+plan like any stage (`pipeline.datamodule.build_sampler_for(..., then=stage)`):
 
-* ``mode: subsample`` (the paper's): the stage's seeded Bernoulli(q) masks become a
-  `KeptSplit`; the sampler and the mixing stages then see the kept sizes, so a temperature
-  or proportional mixture is computed over the kept data.
-* ``mode: weights``: every row stays; its loss weight is multiplied by q / mean(q).
+* ``mode: subsample`` (the paper's): the stage's seeded Bernoulli(q) masks are the plan's
+  ``example_keep``; the sampler draws only kept rows (an index map over each source's kept
+  training indices), and the mixing stages see the kept counts as the sources' sizes, so a
+  temperature or proportional mixture is computed over the kept data (the stage itself
+  leaves the probabilities alone: ``reweight_sources=False``).
+* ``mode: weights``: every row stays; the plan's ``example_weights`` (q / mean(q)) multiply
+  each row's loss weight in the collator.
 
 The before/after data statistics (every representation and association statistic, kept
 fraction, effective sample size, unmet constraints) are logged and returned as the report.
@@ -21,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.image_text import KeptSplit
 from pipeline.split import SourceSplit
 
 log = logging.getLogger(__name__)
@@ -62,8 +65,9 @@ def balance_split(balance: Mapping[str, Any], corpus, names: Sequence[str], spli
     """Apply ``cfg.balance`` to the training rows of `names`.
 
     Returns:
-        (split, example_weights, report): the split to sample from (a `KeptSplit` in subsample
-        mode), {source: (train size,) loss weight} or None, and the M4 report dict.
+        (split, stage, report): `split` unchanged (rows keep their training indices), the
+        `M4` stage to apply after the mixture's stages, and the M4 report dict (in subsample
+        mode with ``kept_rows``: {source: kept count}, the sizes the mixture stages see).
     """
     from pipeline.mixing.m4 import M4, solve_sources
 
@@ -78,14 +82,13 @@ def balance_split(balance: Mapping[str, Any], corpus, names: Sequence[str], spli
     examples = training_examples(corpus, names, split)
     keep, result = solve_sources(examples, attribute_names=info["attribute_names"],
                                  label_names=info["label_names"], seed=int(seed), **kwargs)
-    stage = M4(keep, mode=mode, seed=int(seed if balance.get("seed") is None else balance["seed"]))
+    stage = M4(keep, mode=mode, seed=int(seed if balance.get("seed") is None else balance["seed"]),
+               reweight_sources=False)
     report = {"before": _summary(result.before), "after": _summary(result.after),
               "feasible": result.feasible, "solver": result.solver, "mode": mode,
               "kept_fraction_per_source": {n: stage.kept_fraction(n) for n in names}}
     log.info("M4 balancing (%s, mode=%s): data statistics before\n%s\nafter\n%s", result.solver, mode,
              result.before.format(), result.after.format())
-    if mode == "weights":
-        return split, {n: keep[n] / stage.pooled_keep_rate for n in names}, report
-    kept = {n: np.flatnonzero(stage.masks[n]) for n in names}
-    report["kept_rows"] = {n: int(kept[n].size) for n in names}
-    return KeptSplit(split, kept), None, report
+    if mode == "subsample":
+        report["kept_rows"] = {n: int(stage.masks[n].sum()) for n in names}
+    return split, stage, report

@@ -6,6 +6,13 @@ The global sample stream is a pure function of (seed, mixture schedule, position
                 ->  draw number d(k)        (how many times s(k) was drawn before k)
                 ->  epoch d // n_s, offset d % n_s
                 ->  example index  perm_{seed, s, epoch}(offset)   (`pipeline.permutation`)
+                ->  kept_s[that]   when the plan keeps a subset of s (`example_keep`)
+
+``n_s`` is the number of examples a pass over source s covers: every example, or the kept
+ones when the plan carries ``example_keep[s]`` (M4 subsample): then draws cycle over the
+sorted kept indices ``kept_s`` (an index map of size n_s), so no dropped example is ever
+drawn and epochs count passes over the kept data. The mask must be the same in every plan
+of the run (the stream stays closed-form) and is part of the sampler's fingerprint.
 
 Global step t covers positions [t*B, (t+1)*B) for global batch size B. Rank r of W takes
 the contiguous slice r of each global batch and splits it into its micro-batches, so no
@@ -17,6 +24,7 @@ the next step; per-source cursors and epochs are recomputed from it in milliseco
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -54,7 +62,8 @@ class MixtureSampler:
 
     Args:
         stage: mixing stage (usually `Compose` of the configured list).
-        num_documents: {source: documents}; draws are documents of these sources.
+        num_documents: {source: documents}; draws are documents of these sources (the
+            plan's ``example_keep`` masks, if any, have this length).
         global_batch_size: examples per optimizer step across all ranks and micro-batches.
         total_steps: planned run length (progress = step / total_steps).
         seed: non-negative integer.
@@ -62,6 +71,12 @@ class MixtureSampler:
         mixture_sizes: sizes given to the mixing stage (e.g. token counts); defaults to
             `num_documents`. Either way the plan's probabilities are per *draw*.
         update_steps: plan segment length in steps (default total_steps / 1000).
+
+    Attributes:
+        total_documents: (S,) every source's example count (the index space of draws).
+        num_documents: (S,) examples one pass over each source covers: `total_documents`,
+            or the kept count for a source the plan's ``example_keep`` subsamples.
+        kept: {source index: sorted kept example indices} for those sources.
     """
 
     def __init__(
@@ -86,17 +101,59 @@ class MixtureSampler:
             extra = sorted(set(mixture_sizes) ^ set(names))
             raise ValueError(f"mixture_sizes and num_documents disagree on source {extra[0]!r}")
         self.sources = names
-        self.num_documents = docs.astype(np.int64)
+        self.total_documents = docs.astype(np.int64)
         self.global_batch_size = int(global_batch_size)
         self.seed = int(seed)
         self.mode = mode
         sizes = {name: (mixture_sizes or num_documents)[name] for name in names}
         self.schedule = MixtureSchedule(stage, sizes, total_steps, update_steps)
+        self.kept = self._kept_examples()
+        self.num_documents = self.total_documents.copy()
+        self._index_map: np.ndarray | None = None
+        if self.kept:
+            self._mapped = np.zeros(len(names), dtype=bool)
+            self._map_start = np.zeros(len(names), dtype=np.int64)
+            offset = 0
+            for s, kept in self.kept.items():
+                self.num_documents[s] = kept.size
+                self._mapped[s], self._map_start[s] = True, offset
+                offset += kept.size
+            self._index_map = np.concatenate(list(self.kept.values()))
         if mode == "exact":
             self.allocator = ExactAllocator(self.schedule, self.global_batch_size)
         else:
             self.allocator = StochasticAllocator(self.schedule, self.global_batch_size, self.seed)
         self.fingerprint = f"{mode}-{self.seed}-{self.global_batch_size}-{self.schedule.digest()}"
+        if self.kept:  # another kept subset is another stream (runs without one keep their fingerprint)
+            hasher = hashlib.sha256()
+            for s, kept in self.kept.items():
+                hasher.update(f"{names[s]}\0{self.total_documents[s]}\0".encode())
+                hasher.update(kept.tobytes())
+            self.fingerprint += f"-keep{hasher.hexdigest()[:16]}"
+
+    def _kept_examples(self) -> dict[int, np.ndarray]:
+        """{source index: sorted kept indices} from the plans' ``example_keep`` (one mask per
+        source for the whole run; ValueError if it changes, misfits the source or keeps nothing)."""
+        masks = None
+        for plan in self.schedule.plans:
+            keep = {name: np.asarray(mask) for name, mask in (plan.example_keep or {}).items()}
+            if masks is None:
+                masks = keep
+            elif keep.keys() != masks.keys() or any(not np.array_equal(keep[n], masks[n]) for n in keep):
+                raise ValueError("the plan's example_keep changes over the run; the sampler needs one "
+                                 "kept subset per source for the whole run (a closed-form stream)")
+        kept = {}
+        for name, mask in (masks or {}).items():
+            if name not in self.sources:
+                raise ValueError(f"example_keep names unknown source {name!r}; sources are {list(self.sources)}")
+            s = self.sources.index(name)
+            if mask.shape != (int(self.total_documents[s]),) or mask.dtype != np.bool_:
+                raise ValueError(f"example_keep for source {name!r} has {mask.size} entries ({mask.dtype}); "
+                                 f"expected a bool mask over its {int(self.total_documents[s])} documents")
+            if not mask.any():
+                raise ValueError(f"example_keep for source {name!r} keeps no example")
+            kept[s] = np.flatnonzero(mask).astype(np.int64)
+        return dict(sorted(kept.items()))
 
     @property
     def total_steps(self) -> int:
@@ -135,7 +192,19 @@ class MixtureSampler:
         in one vectorised call for all sources (one permutation per (source, epoch))."""
         sizes = self.num_documents[source]
         keys = hash_key(self.seed, source, draw // sizes)
-        return permute(draw % sizes, sizes, keys)
+        index = np.asarray(permute(draw % sizes, sizes, keys), dtype=np.int64)
+        if self._index_map is not None:  # kept subsets: the permuted offset picks a kept example
+            mapped = self._mapped[source]
+            index = index.copy()
+            index[mapped] = self._index_map[self._map_start[source[mapped]] + index[mapped]]
+        return index
+
+    def example_weights(self, step: int) -> list[np.ndarray | None]:
+        """Per source index: the plan's ``example_weights`` at `step` ((total_documents,)
+        float64 factors on each example's loss weight), or None for a source without."""
+        weights = self.plan_at(step).example_weights or {}
+        return [None if name not in weights else np.asarray(weights[name], dtype=np.float64)
+                for name in self.sources]
 
     # -- accounting --------------------------------------------------------------------
     def draw_counts(self, step: int) -> np.ndarray:

@@ -113,7 +113,7 @@ def _train(cfg: DictConfig, output_dir: Path, geometry, started: float) -> dict:
                                  for lang in (corpus.source_info(n)["src_lang"], corpus.source_info(n)["tgt_lang"])}),
         tokenizer_path=str(tokenizer.path), _convert_="all",
     )
-    model.restart_stream_on_load = restart_stream
+    datamodule.restart_stream_on_load = restart_stream  # the datamodule owns the stream (and its restart)
     logger = build_logger(cfg, output_dir)
     strategy = instantiate(cfg.strategy)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)

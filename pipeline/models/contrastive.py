@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
+from pipeline.data_accounting import DataAccounting
 from pipeline.examples import PADDING_STEP
 from pipeline.metrics import PerSourceSum, source_key
 from pipeline.metrics_retrieval import (
@@ -114,7 +115,7 @@ class DualEncoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-class ContrastiveModel(pl.LightningModule):
+class ContrastiveModel(DataAccounting, pl.LightningModule):
     """Args:
         vocab_size, sources: from the prepared data (sources index `source_ids`).
         image_tower: ImageTowerConfig fields; text_tower: TransformerConfig fields (no vocab).
@@ -148,8 +149,7 @@ class ContrastiveModel(pl.LightningModule):
                                  init_logit_scale, init_logit_bias)
         num = len(self.sources)
         self.val_loss = PerSourceSum(num)
-        self.seen_tokens = PerSourceSum(num)
-        self.seen_rows = PerSourceSum(num)
+        self.init_data_accounting(num)  # seen_tokens, seen_rows (pipeline.data_accounting)
         self.val_pairs = PairedEmbeddings()
         self.reference_pairs = PairedEmbeddings()
         self.bias_eval = dict(bias_eval or {})
@@ -192,9 +192,8 @@ class ContrastiveModel(pl.LightningModule):
             self._step_loss = 0.0
         loss = self.batch_loss(batch)
         self._step_loss += float(loss.detach()) / self.trainer.accumulate_grad_batches
-        tokens = (batch["eos_positions"] + 1).to(torch.float64)
-        self.seen_tokens.update(tokens, batch["source_ids"])
-        self.seen_rows.update(torch.ones_like(tokens), batch["source_ids"])
+        # Caption tokens (<bos> ... <eos>) per row.
+        self.count_data(batch["eos_positions"] + 1, batch["source_ids"], batch["source_ids"])
         return loss * self.gradient_scale()
 
     def on_train_start(self) -> None:
@@ -212,23 +211,8 @@ class ContrastiveModel(pl.LightningModule):
         # The kernel's value is already the global loss on every rank.
         self.log("train/loss", self._step_loss, rank_zero_only=True, batch_size=1)
         self.log("train/logit_scale", float(self.model.logit_scale().detach()), rank_zero_only=True, batch_size=1)
-        every = max(1, self.trainer.log_every_n_steps)
-        if step % every == 0 or step == self.trainer.max_steps:
-            self._log_data_metrics(step)
-
-    def _log_data_metrics(self, step: int) -> None:
-        tokens = self.seen_tokens.per_source()[0]
-        rows = self.seen_rows.per_source()[0]
-        metrics = {"data/tokens_total": float(tokens.sum())}
-        sampler = getattr(getattr(self.trainer, "datamodule", None), "sampler", None)
-        plan = sampler.plan_at(max(0, step - 1)) if sampler is not None else None
-        for i, name in enumerate(self.sources):
-            key = source_key(name)
-            metrics[f"data/samples/{key}"] = float(rows[i])
-            if plan is not None:
-                metrics[f"data/prob/{key}"] = plan.prob(name)
-                metrics[f"data/loss_weight/{key}"] = plan.weight(name)
-        self.log_dict(metrics, rank_zero_only=True, batch_size=1)
+        if self.logs_step(step):
+            self.log_data_metrics(step)
 
     # -- validation ------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):

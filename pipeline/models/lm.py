@@ -6,9 +6,10 @@ parallelism averages gradients over ranks, so each micro-batch returns
 ``accumulation * world_size * sum_i w_i CE_i / N_global``: the summed gradient is then
 exactly the gradient of the global objective. Logged ``train/loss`` is the objective itself.
 
-Metrics: per-source validation loss and perplexity, tokens and rows seen per source,
-mixture probabilities and epochs per source (from the sampler), and chrF per parallel
-source from greedy decoding of held-out translation rows.
+Metrics: per-source validation loss and perplexity, chrF per parallel source from greedy
+decoding of held-out translation rows, and the shared ``data/*`` accounting (target tokens
+and rows seen per source, mixture probabilities, loss weights and epochs:
+`pipeline.data_accounting`, checkpointed with the run).
 
 chrF is sacrebleu's corpus chrF (character 6-grams, no word n-grams: chrF, not chrF++;
 beta 2; 0-100) over the hypothesis and reference strings of every rank (gathered, so one
@@ -28,28 +29,15 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from pipeline.data_accounting import DataAccounting
 from pipeline.examples import IGNORE_INDEX
 from pipeline.losses import LossConfig, TokenLossHead
 from pipeline.metrics import PerSourceSum, corpus_chrf, gather_objects, source_key
 from pipeline.models.optim import adamw_with_schedule, check_schedule
 from pipeline.models.transformer import DecoderOnlyTransformer, TransformerConfig
 
-SEEN_KEY = "mixpipe_seen"  # checkpoint entry: per-source totals of tokens and rows trained on
 
-
-def _replace_sampler_states(node: Any, fresh: dict) -> None:
-    """Swap every saved sampler state (`{"sampler": {"fingerprint": ...}}`) for `fresh`."""
-    if isinstance(node, dict):
-        if isinstance(node.get("sampler"), dict) and "fingerprint" in node["sampler"]:
-            node["sampler"] = dict(fresh)
-        for value in node.values():
-            _replace_sampler_states(value, fresh)
-    elif isinstance(node, list | tuple):
-        for value in node:
-            _replace_sampler_states(value, fresh)
-
-
-class LanguageModel(pl.LightningModule):
+class LanguageModel(DataAccounting, pl.LightningModule):
     """Args:
         vocab_size, sources: from the prepared data (sources index `source_ids`).
         transformer: TransformerConfig fields (d_model, n_layers, n_heads, d_ff, ...).
@@ -77,8 +65,7 @@ class LanguageModel(pl.LightningModule):
         check_schedule(schedule)
         num = len(self.sources)
         self.val_loss = PerSourceSum(num)
-        self.seen_tokens = PerSourceSum(num)
-        self.seen_rows = PerSourceSum(num)
+        self.init_data_accounting(num)  # seen_tokens, seen_rows (pipeline.data_accounting)
         self.source_kinds = list(source_kinds or ["mono"] * num)
         self.target_languages = list(target_languages or [])
         # (source index, target language, hypothesis, reference) decoded this validation pass.
@@ -89,8 +76,6 @@ class LanguageModel(pl.LightningModule):
         self._normalizer: torch.Tensor | None = None
         self._step_loss = 0.0
         self._grad_norm = math.nan
-        # Set by pipeline.train for `resume.allow_mismatch=true` with other data or mixture.
-        self.restart_stream_on_load = False
 
     # -- setup -----------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -104,30 +89,6 @@ class LanguageModel(pl.LightningModule):
     def configure_optimizers(self):
         return adamw_with_schedule(self, self.hparams.optimizer, self.hparams.schedule, self.hparams.total_steps,
                                    default_betas=(0.9, 0.95))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Tokens and rows seen per source are metric states, not in the state dict: store
-        # their all-rank totals (compute() syncs; every rank runs this hook) so a resumed
-        # run's results.json still counts the whole run.
-        checkpoint[SEEN_KEY] = {name: [t.detach().cpu() for t in getattr(self, name).per_source()]
-                                for name in ("seen_tokens", "seen_rows")}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        for name, (sums, counts) in checkpoint.get(SEEN_KEY, {}).items():
-            metric = getattr(self, name)
-            if sums.numel() != metric.num_sources:  # other sources (resume.allow_mismatch): start over
-                continue
-            keep = 1.0 if self.global_rank == 0 else 0.0  # the totals live on one rank: synced sums stay right
-            metric.sums = sums.to(self.device, torch.float64) * keep
-            metric.counts = counts.to(self.device, torch.float64) * keep
-        # Lightning calls this before it restores the datamodule and the loops. When a resume
-        # was allowed to change the sources or mixture, the saved sampler states (in the
-        # datamodule's entry and the fit loop's dataloader state) belong to another stream
-        # and their check would refuse them: continue this run's stream at the saved step.
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.restart_stream_on_load and datamodule is not None:
-            fresh = datamodule.sampler.state_dict(int(checkpoint["global_step"]))
-            _replace_sampler_states(checkpoint, fresh)
 
     # -- training --------------------------------------------------------------------------
     def _hidden(self, batch) -> torch.Tensor:
@@ -167,16 +128,15 @@ class LanguageModel(pl.LightningModule):
                                       batch["token_weights"].flatten())
         objective = weighted_sum / normalizer
         self._step_loss += float(objective.detach())
-        mask = labels != IGNORE_INDEX
-        self.seen_tokens.update(torch.ones_like(labels, dtype=torch.float64), batch["token_source_ids"].flatten(), mask)
-        self.seen_rows.update(torch.ones_like(batch["source_ids"], dtype=torch.float64), batch["source_ids"])
+        self.count_data(torch.ones_like(labels, dtype=torch.float64), batch["token_source_ids"].flatten(),
+                        batch["source_ids"], labels != IGNORE_INDEX)
         return objective * self.gradient_scale()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Before clipping, after the data-parallel all-reduce: the gradient of the global
         # objective (DeepSpeed keeps its gradients in partitioned buffers: read after step).
         # Only on steps that are logged: 37+ per-parameter float64 norms cost ~0.7 ms a step.
-        if not isinstance(self.trainer.strategy, DeepSpeedStrategy) and self._logs_step(self.trainer.global_step + 1):
+        if not isinstance(self.trainer.strategy, DeepSpeedStrategy) and self.logs_step(self.trainer.global_step + 1):
             # Accumulated in float64: a float32 norm over the embedding's 10^5+ entries is
             # off by ~3e-5 relative, more than the cross-strategy tests allow.
             norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in self.parameters()
@@ -194,7 +154,7 @@ class LanguageModel(pl.LightningModule):
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
             return
         step = self.trainer.global_step  # already advanced by this batch's optimizer step
-        if not self._logs_step(step):
+        if not self.logs_step(step):
             # Lightning writes step metrics to the loggers only on these steps anyway, and each
             # self.log costs ~1 ms (result collection): 2 ms of a 25 ms demo step.
             return
@@ -205,35 +165,7 @@ class LanguageModel(pl.LightningModule):
         # Pre-clipping norm of the global objective's gradient: the same at any world size
         # and accumulation when gradient_scale() is right (tests/pipeline/test_distributed_train.py).
         self.log("train/grad_norm", self._global_grad_norm(), rank_zero_only=True, batch_size=1)
-        self._log_data_metrics(step)
-
-    def _logs_step(self, step: int) -> bool:
-        """Whether optimizer step `step` (1-based) is logged: Lightning's own cadence
-        (`log_every_n_steps`), plus the last step so results see the final values."""
-        every = max(1, self.trainer.log_every_n_steps)
-        return step % every == 0 or step == self.trainer.max_steps
-
-    def _log_data_metrics(self, step: int) -> None:
-        tokens, _ = self.seen_tokens.per_source()
-        rows, _ = self.seen_rows.per_source()
-        metrics = {"data/tokens_total": float(tokens.sum())}
-        sampler = getattr(getattr(self.trainer, "datamodule", None), "sampler", None)
-        plan = sampler.plan_at(max(0, step - 1)) if sampler is not None else None
-        epochs = sampler.epochs(step) if sampler is not None else {}
-        for i, name in enumerate(self.sources):
-            key = source_key(name)
-            metrics[f"data/tokens/{key}"] = float(tokens[i])
-            metrics[f"data/samples/{key}"] = float(rows[i])
-            if plan is not None:
-                metrics[f"data/prob/{key}"] = plan.prob(name)
-                metrics[f"data/loss_weight/{key}"] = plan.weight(name)
-                metrics[f"data/epochs/{key}"] = epochs[name]
-        # Plain floats that are already global: straight to the loggers. Through self.log
-        # (result collection, tensor conversion, 5 metrics per source) this cost ~0.4 s per
-        # call with 37 sources, a quarter of the demo's step time (scripts/bench_train.py).
-        if self.global_rank == 0:
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=step)
+        self.log_data_metrics(step)
 
     # -- validation ------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):

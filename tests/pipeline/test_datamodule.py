@@ -163,3 +163,35 @@ def test_num_targets_matches_the_collator(demo_data):
     examples = module.train_set.build([(0, i, 0) for i in range(6)])
     batch = module.collate(examples)
     assert int(batch["num_target_tokens"]) == sum(num_targets(e, module.max_length) for e in examples)
+
+
+def test_collator_multiplies_the_plan_example_weights_in():
+    collate = MixtureCollator(lambda step: [2.0, 1.0], 0, max_length=8,
+                              example_weights=lambda step: [np.array([0.5, 3.0]), None])
+    rows = [{"ids": [1, 5, 6, 2], "target_from": 1, "source_id": 0, "index": i, "step": 0} for i in (0, 1)]
+    rows.append({"ids": [1, 5, 2], "target_from": 1, "source_id": 1, "index": 4, "step": 0})
+    batch = collate(rows)
+    targets = batch["labels"] != IGNORE_INDEX
+    assert [sorted(set(batch["token_weights"][r][targets[r]].tolist())) for r in range(3)] == [[1.0], [6.0], [1.0]]
+
+
+def test_plan_example_weights_reach_the_batches(demo_data):
+    from pipeline.mixing.m4 import M4
+
+    _, corpus, _ = demo_data
+    names = select_sources(corpus, ("mono",))
+    split = SourceSplit({n: corpus.num_documents(n) for n in names}, val_documents=4)
+    q = {name: np.random.default_rng(i).uniform(0.05, 1.0, split.train[name]) for i, name in enumerate(names[:8])}
+    module = _module(demo_data, stage=Compose([Cooldown(5, 1, 0.5), Upweight(), M4(q, mode="weights")]))
+    weighted = 0
+    for batch in module.train_dataloader():
+        targets = batch["labels"] != IGNORE_INDEX
+        for row in range(batch["source_ids"].shape[0]):
+            s, index = int(batch["source_ids"][row]), int(batch["example_index"][row])
+            plan = module.sampler.plan_at(int(batch["step"][row]))
+            factor = plan.example_weights[names[s]][index] if names[s] in plan.example_weights else 1.0
+            weighted += names[s] in plan.example_weights
+            expected = torch.tensor(plan.loss_weights[s] * factor, dtype=torch.float32)
+            assert torch.equal(batch["token_weights"][row][targets[row]],
+                               expected.expand(int(targets[row].sum()))), (names[s], index)
+    assert weighted > 0

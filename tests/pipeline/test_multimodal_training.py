@@ -156,21 +156,29 @@ def test_m4_balancing_reaches_the_sampler_or_the_loss(mm, compose_config, mode):
     assert report["before"]["max_abs_representation"] > 0.1  # ring skew 0.7 vs pi 0.5
     assert report["after"]["max_abs_representation"] <= 0.05 + 1e-6
     assert report["after"]["max_abs_association"] <= 0.03 + 1e-6
+    plan = dm.sampler.plan_at(0)  # M4 reaches training through the plan, as any mixing stage
     if mode == "subsample":
-        kept = sum(dm.split.train.values())
-        total = sum(dm.split.base.train.values())
-        assert kept == sum(report["kept_rows"].values()) and 0.45 * total < kept < 0.75 * total
-        assert [int(n) for n in dm.sampler.num_documents] == [dm.split.train[n] for n in dm.sources]
-        # Kept rows are training rows of the base split: never a held-out row.
+        kept = sum(report["kept_rows"].values())
+        total = sum(dm.split.train.values())
+        assert 0.45 * total < kept < 0.75 * total and plan.example_weights is None
+        assert {n: int(plan.example_keep[n].sum()) for n in dm.sources} == report["kept_rows"]
+        # A pass over a source is a pass over its kept rows; the mixture is computed over them.
+        assert [int(n) for n in dm.sampler.num_documents] == [report["kept_rows"][n] for n in dm.sources]
+        sizes = np.array([report["kept_rows"][n] for n in dm.sources], dtype=float)
+        assert np.allclose(plan.sample_probs, sizes ** (1 / 3.33) / (sizes ** (1 / 3.33)).sum())
+        # The sampler draws only kept rows, and those are training rows: never a held-out row.
+        source, index, _ = dm.sampler.positions(0, 4 * total)
         for s, name in enumerate(dm.sources):
-            kept_rows = set(dm.split.rows_many(dm.sources, np.full(dm.split.train[name], s),
-                                               np.arange(dm.split.train[name])).tolist())
-            assert not kept_rows & set(dm.split.val_rows(name).tolist())
+            drawn = index[source == s]
+            assert set(drawn.tolist()) == set(np.flatnonzero(plan.example_keep[name]).tolist())
+            rows = set(dm.split.rows_many(dm.sources, np.full(drawn.size, s), drawn).tolist())
+            assert not rows & set(dm.split.val_rows(name).tolist())
     else:
-        weights = np.concatenate([dm.train_set.example_weights[n] for n in dm.sources])
+        assert plan.example_keep is None
+        weights = np.concatenate([plan.example_weights[n] for n in dm.sources])
         assert weights.mean() == pytest.approx(1.0) and weights.std() > 0.1
         batch = dm.collate(dm.train_set.__getitems__([(1, i, 0) for i in range(6)]))
-        assert batch["weights"].tolist() == pytest.approx(dm.train_set.example_weights["img-eng"][:6].tolist())
+        assert batch["weights"].tolist() == pytest.approx(plan.example_weights["img-eng"][:6].tolist())
 
 
 @pytest.mark.parametrize("override, match", [

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.mixing import Compose, Cooldown, OrderMatters, Temperature, Upweight
+from pipeline.mixing.base import MixingStage
+from pipeline.mixing.plan import MixturePlan, validate_sizes
 from pipeline.sampler import MixtureSampler, RankBatchSampler
 
 SIZES = {"eng": 5000, "fra": 700, "deu": 650, "swh": 90, "kab": 12, "fao": 3}
@@ -253,3 +255,96 @@ def test_resume_far_past_the_planned_run_is_fast(mode):
     counts = sampler.draw_counts(2 * 10**7)
     assert counts.sum() == 2 * 10**7 * 1024
     assert time.perf_counter() - started < 1.0
+
+
+# -- the plan's example_keep (M4 subsample) ---------------------------------------------------
+
+class _Keep(MixingStage):
+    """A hand-made plan: proportional probabilities and a keep mask per listed source."""
+
+    def __init__(self, keep):
+        self.keep = keep
+
+    def apply(self, sizes, progress, previous):
+        names, array = validate_sizes(sizes)
+        return MixturePlan(names, array / array.sum(), np.ones(len(names)), example_keep=self.keep)
+
+
+KEEP_SIZES = {"big": 100, "other": 30}
+KEPT = np.array([3, 7, 11, 19, 42, 43, 58, 71, 88, 99])  # 10 of 100
+
+
+def _mask(n=100, kept=KEPT):
+    mask = np.zeros(n, bool)
+    mask[kept] = True
+    return mask
+
+
+def _keep_stages():
+    from pipeline.mixing.m4 import M4
+
+    q = _mask().astype(float)  # q in {0, 1}: the seeded Bernoulli draw keeps exactly KEPT
+    return {"hand-made": _Keep({"big": _mask()}),
+            "M4 stage": Compose([Temperature(3.0), M4({"big": q}, mode="subsample", seed=5)])}
+
+
+@pytest.mark.parametrize("mode", ["exact", "stochastic"])
+@pytest.mark.parametrize("stage", ["hand-made", "M4 stage"])
+def test_example_keep_is_honoured_over_several_epochs(mode, stage):
+    sampler = make(mode, batch=16, steps=30, stage=_keep_stages()[stage], sizes=KEEP_SIZES)
+    source, index, draw = sampler.positions(0, 30 * 16)
+    big = index[source == 0]
+    assert big.size >= 5 * KEPT.size  # several passes over the kept examples
+    assert set(big.tolist()) == set(KEPT.tolist())  # never a dropped example; every kept one
+    # Each pass over the kept examples is a permutation of them.
+    draws = draw[source == 0]
+    for epoch in range(int(draws.max() // KEPT.size)):
+        assert sorted(big[draws // KEPT.size == epoch].tolist()) == KEPT.tolist()
+    assert sampler.num_documents.tolist() == [10, 30]  # what a pass is: the kept examples
+    assert sampler.total_documents.tolist() == [100, 30]
+    assert sampler.epochs(30)["big"] == pytest.approx(big.size / 10)
+    other = index[source == 1]
+    assert set(other.tolist()) == set(range(30))
+
+
+@pytest.mark.parametrize("mode", ["exact", "stochastic"])
+def test_example_keep_stream_resumes_and_is_world_size_independent(mode):
+    def build():
+        return make(mode, batch=12, steps=20, stage=_Keep({"big": _mask()}), sizes=KEEP_SIZES)
+
+    reference = stream(build(), 20)
+    for world in (1, 2, 3):
+        sampler = build()
+        step = build().load_state_dict(sampler.state_dict(7))
+        merged = []
+        for s in range(step, 20):
+            slices = [sampler.rank_slice(s, r, world) for r in range(world)]
+            merged.append(([x for sl in slices for x in sl.source.tolist()],
+                           [x for sl in slices for x in sl.index.tolist()]))
+        assert merged == reference[7:]
+    # Another mask is another stream: a checkpoint of one does not resume the other.
+    other = make(mode, batch=12, steps=20, stage=_Keep({"big": _mask(kept=np.append(KEPT[1:], 4))}),
+                 sizes=KEEP_SIZES)
+    with pytest.raises(ValueError, match="fingerprint"):
+        other.load_state_dict(build().state_dict(3))
+
+
+def test_example_keep_must_fit_the_source():
+    with pytest.raises(ValueError, match="example_keep for source 'big' has 99 entries"):
+        make(stage=_Keep({"big": _mask(99, KEPT[:-1])}), sizes=KEEP_SIZES)
+    with pytest.raises(ValueError, match="keeps no example"):
+        make(stage=_Keep({"big": np.zeros(100, bool)}), sizes=KEEP_SIZES)
+    with pytest.raises(ValueError, match="unknown source"):
+        make(stage=_Keep({"nope": _mask()}), sizes=KEEP_SIZES)
+
+    class Changing(MixingStage):  # a mask that changes mid-run cannot keep a closed-form stream
+        def apply(self, sizes, progress, previous):
+            names, array = validate_sizes(sizes)
+            kept = KEPT if progress < 0.5 else KEPT[:5]
+            return MixturePlan(names, array / array.sum(), np.ones(len(names)), example_keep={"big": _mask(kept=kept)})
+
+        def breakpoints(self):
+            return (0.5,)
+
+    with pytest.raises(ValueError, match="example_keep changes"):
+        make(stage=Changing(), sizes=KEEP_SIZES)
