@@ -11,7 +11,7 @@ checkpoint and is what `ckpt_path=last` resolves through.
 Every checkpoint carries checksums taken while it was written (pipeline/integrity.py,
 XXH3-128): a file checkpoint ``stepN.ckpt`` has ``stepN.ckpt.checksum.json`` beside it
 (written before the checkpoint is published), a sharded directory holds
-``mixpipe_checksums.json`` over each of its files (written into the staging directory before
+``mixpipe_integrity/checksums.json`` over each of its files (written into the staging directory before
 it is renamed into place). They are verified before a checkpoint is used; a corrupted
 checkpoint is an error naming the file, and ``ckpt_path=last`` then falls back to the newest
 checkpoint that verifies, saying which one it skipped. Checkpoints written before checksums
@@ -115,7 +115,10 @@ IDENTITY_KEY = "mixpipe_identity"  # what the run was (data, tokenizer, model sh
 _STAGING_SUFFIX = ".tmp"
 _ASIDE_SUFFIX = ".old"
 CHECKSUM_SUFFIX = ".checksum.json"  # beside a file checkpoint: <name>.checksum.json
-SHARD_CHECKSUMS = "mixpipe_checksums.json"  # inside a sharded (directory) checkpoint
+# Inside a sharded (directory) checkpoint, in a folder of its own: tools that rebuild a
+# directory from another (pipeline/elastic.py resharding) copy its top-level files, and a
+# record of the old shards would then describe files the new directory does not have.
+SHARD_CHECKSUMS = "mixpipe_integrity/checksums.json"
 _STEP_RE = re.compile(r"step=?(\d+)")
 
 
@@ -136,7 +139,7 @@ def checksum_path(checkpoint: Path) -> Path:
 
 
 def write_shard_checksums(directory: Path, global_step: int | None = None) -> Path:
-    """Checksum every file of a sharded checkpoint directory into ``mixpipe_checksums.json``
+    """Checksum every file of a sharded checkpoint directory into ``mixpipe_integrity/checksums.json``
     (call on the staging directory, before it is published)."""
     directory = Path(directory)
     record = checksum_files(directory, files_under(directory, exclude=[SHARD_CHECKSUMS]))

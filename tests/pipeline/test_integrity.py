@@ -118,6 +118,8 @@ def test_sharded_checkpoint_directories_checksum_each_file(tmp_path):
     target = tmp_path / "step000004.ckpt"
     os.replace(staging, target)  # what AtomicModelCheckpoint._save_sharded does after the record
     record = json.loads((target / SHARD_CHECKSUMS).read_text())
+    # Not a top-level file: resharding (pipeline/elastic.py) copies those into the new directory.
+    assert sorted(p.name for p in target.iterdir() if p.is_file()) == ["latest"]
     assert sorted(record["files"]) == ["checkpoint/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                        "checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest"]
     assert verify_checkpoint(target) is True
