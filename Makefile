@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(PY) -m pipeline.train experiment=demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''

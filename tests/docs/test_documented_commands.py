@@ -283,7 +283,7 @@ MIXTURES = ",".join(sorted(p.stem for p in (REPO / "conf" / "mixture").glob("*.y
 COVERAGE: dict[str, Scaled] = {
     # README: the two commands
     "make demo": Scaled(runner="make", check=make_recipe(DEMO)),
-    "make test": Scaled(runner="make", check=make_recipe(".venv/bin/python -m pytest -q")),
+    "make test": Scaled(runner="make", check=make_recipe(".venv/bin/python -m pytest -q --durations=25")),
     # README: training
     DEMO: train("logger=wandb", check=wandb_run),
     ".venv/bin/python -m pipeline.train experiment=tatoeba_lm model=lm_tiny run.total_steps=500":
