@@ -140,7 +140,7 @@ def single_translation_run(demo_data, tmp_path_factory) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_zero3", marks=pytest.mark.slow)])
 def test_two_process_runs_score_every_row_like_one_process(strategy, single_translation_run, demo_data, tmp_path):
     """Each rank decodes its share of the held-out rows (5 sources x 3 rows, padded to 8 per
     rank); the gathered corpus chrF per source equals the one-process run's."""
