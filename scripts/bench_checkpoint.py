@@ -204,6 +204,7 @@ def main() -> int:
                 print(f"{model} {strategy} ...", file=sys.stderr, flush=True)
                 records.append(run_case(model, strategy, args.cache, Path(tmp), args.repeats))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2))
 
     median = statistics.median

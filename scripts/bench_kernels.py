@@ -305,6 +305,7 @@ def main() -> None:
         print(f"{r['case']:36s} {r['impl']:8s} {r['mem_ratio']:9.3f}  {r['time_ratio']:10.2f}"
               f"  {goal}: {r['verdict']}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))
 
 

@@ -200,6 +200,7 @@ def main() -> None:
               f"time exact/streaming {row['time_ratio_exact_over_streaming']:.2f}; "
               f"{row['before_violations']} violations before", flush=True)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=float))
 
 
