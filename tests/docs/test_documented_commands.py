@@ -277,7 +277,9 @@ CCE_INSTALL = "/tmp/venv-cce/bin/pip install --no-deps cut-cross-entropy"
 CCE_BENCHES = ("/tmp/venv-cce/bin/python scripts/bench_kernels.py --threads 1 --json .cache/bench_kernels_t1.json",
                "/tmp/venv-cce/bin/python scripts/bench_kernels.py --json .cache/bench_kernels_t2.json",
                "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases V=65536 --repeats 5",
-               "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases softmax")
+               "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases softmax",
+               "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases flce --repeats 3",
+               "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases flce --repeats 3 --threads 1")
 MIXTURES = ",".join(sorted(p.stem for p in (REPO / "conf" / "mixture").glob("*.yaml")))
 
 COVERAGE: dict[str, Scaled] = {
