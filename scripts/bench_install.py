@@ -7,8 +7,9 @@ its `dev` extra, as the Makefile does:
 
 * `pip, unlocked, cold` (the install before requirements.lock): `pip install torch==2.13.0`, then
   `pip install -e '.[dev]'` resolving every other version afresh, with pip's cache disabled;
-* `uv, locked, cold`: `uv pip install --require-hashes -r requirements.lock`, then the project
-  with `--no-deps`, into an empty uv cache (downloads and the deepspeed build included);
+* `uv, locked, cold`: the Makefile's own recipe (`make VENV=<new folder> <folder>/.installed`:
+  `uv pip install --require-hashes -r requirements.lock`, then the project with `--no-deps`)
+  into an empty uv cache (downloads and the deepspeed build included);
 * `uv, locked, warm`: the same with the cache the cold run filled (what a second `make`, a CI
   rerun or a new clone on the same machine pays).
 
@@ -26,8 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TORCH_WHEELS = Path("/opt/wheels")
-UV_VERSION = "0.13.9"
 
 
 def _run(*command: str, env: dict | None = None) -> None:
@@ -43,19 +42,12 @@ def pip_unlocked(root: Path, cache: Path) -> None:
 
 
 def uv_locked(root: Path, cache: Path) -> None:
+    """What `make` pays: the Makefile's own venv recipe, pointed at a new folder and uv cache."""
     import os
 
     venv = root / "venv"
-    _run(sys.executable, "-m", "venv", str(venv))
-    python = str(venv / "bin" / "python")
-    _run(python, "-m", "pip", "install", "--quiet", f"uv=={UV_VERSION}")
-    env = {**os.environ, "UV_CACHE_DIR": str(cache)}
-    torch_source = ["--find-links", str(TORCH_WHEELS)] if TORCH_WHEELS.is_dir() else [
-        "--extra-index-url", "https://download.pytorch.org/whl/cpu", "--index-strategy", "unsafe-best-match"]
-    uv = str(venv / "bin" / "uv")
-    _run(uv, "pip", "install", "--quiet", "--python", python, "--require-hashes", "-r",
-         str(REPO / "requirements.lock"), *torch_source, "--no-build-isolation-package", "deepspeed", env=env)
-    _run(uv, "pip", "install", "--quiet", "--python", python, "--no-deps", "-e", str(REPO), env=env)
+    _run("make", "-s", "-C", str(REPO), f"VENV={venv}", f"{venv}/.installed",
+         env={**os.environ, "UV_CACHE_DIR": str(cache)})
 
 
 def main(argv: list[str] | None = None) -> int:
