@@ -22,8 +22,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from data_recipes.base import Recipe
-from pipeline.sources import PreparedCorpus, prepare_sources
-from pipeline.tokenizer import Tokenizer, TokenizerConfig, count_tokens, train_tokenizer
+from pipeline.config import CONFIG_DIR, check_targets
+from pipeline.data.corpus import PreparedCorpus, prepare_sources
+from pipeline.data.tokenizer import Tokenizer, TokenizerConfig, count_tokens, train_tokenizer
 
 log = logging.getLogger("pipeline.prepare")  # stable name under `python -m`
 
@@ -143,13 +144,9 @@ def prepare(cfg: DictConfig, progress: bool | None = None) -> tuple[PreparedCorp
     return corpus, tokenizer
 
 
-import pipeline.config_schema  # noqa: E402,F401  (registers base_config for the Hydra app)
-from pipeline.config_location import CONFIG_DIR  # noqa: E402
-
-
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _prepare_app(cfg: DictConfig) -> None:
-    pipeline.config_schema.check_targets(cfg)  # a misspelt data key fails before any reading
+    check_targets(cfg)  # a misspelt data key fails before any reading
     prepare(cfg)
 
 

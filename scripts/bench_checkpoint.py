@@ -10,7 +10,7 @@ optimizer step through the real pipeline (config, datamodule, LanguageModel, Tra
 loads (DDP: read the file and load model and optimizer state; ZeRO: the DeepSpeed engine's
 `load_checkpoint`, which reads the rank's shards and restores them). Sizes are per rank:
 the files each rank writes. Then, in this process, resuming at world size 1: for ZeRO,
-consolidating the shards (`pipeline.elastic.consolidate_zero_checkpoint`) and loading the
+consolidating the shards (`pipeline.training.zero_checkpoint.consolidate_zero_checkpoint`) and loading the
 result into a LanguageModel and AdamW; for DDP, loading its file the same way; and for
 ZeRO-1/2, re-writing the shards for one rank (`reshard_zero12_checkpoint`), after which
 DeepSpeed's own load applies (its cost is the load column). Medians of
@@ -41,13 +41,9 @@ BASE = ["experiment=demo", "run.total_steps=2", "run.global_batch_size=8", "load
 
 # ------------------------------------------------------------------------- worker side
 def _compose(overrides):
-    from hydra import compose, initialize_config_dir
+    from pipeline.config.compose import compose_config
 
-    import pipeline.config_schema  # noqa: F401
-    import pipeline.mixing.config  # noqa: F401
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def _rank_bytes(path: Path, rank: int) -> int:
@@ -70,11 +66,11 @@ def worker(args) -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from pipeline.batch_geometry import geometry_for_trainer, geometry_from_config
-    from pipeline.checkpointing import AtomicCheckpointIO
-    from pipeline.datamodule import datamodule_from_config
+    from pipeline.config.data import datamodule_from_config
     from pipeline.prepare import prepare
-    from pipeline.strategies import is_sharded
+    from pipeline.sampling.batch_geometry import geometry_for_trainer, geometry_from_config
+    from pipeline.training.checkpointing import AtomicCheckpointIO
+    from pipeline.training.strategies import is_sharded
 
     cfg = _compose([*BASE, f"model={args.model}", f"strategy={args.strategy}", "trainer.devices=2",
                     f"cache_dir={args.cache}"])
@@ -132,8 +128,8 @@ def resume_at_world_one(checkpoint: Path, sharded: bool, repeats: int) -> list[f
     import deepspeed.utils.zero_to_fp32  # noqa: F401  (imported before timing)
     import torch
 
-    from pipeline.elastic import consolidate_zero_checkpoint
     from pipeline.models.lm import LanguageModel
+    from pipeline.training.zero_checkpoint import consolidate_zero_checkpoint
 
     times = []
     for _ in range(repeats):
@@ -167,7 +163,7 @@ def run_case(model: str, strategy: str, cache: str, out: Path, repeats: int) -> 
 
 def reshard_to_world_one(checkpoint: Path, out: Path, repeats: int) -> list[float]:
     """Seconds to re-write ZeRO-1/2 shards for one rank (what DeepSpeed then loads natively)."""
-    from pipeline.elastic import reshard_zero12_checkpoint
+    from pipeline.training.zero_checkpoint import reshard_zero12_checkpoint
 
     times = []
     for repeat in range(repeats):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: streaming M4 (pipeline/mixing/m4.py) throughput, memory, and gap to the exact solver.
+"""Benchmark: streaming M4 (pipeline/balance/m4/core.py) throughput, memory, and gap to the exact solver.
 
 Synthetic data, m = 4 attributes over-represented at rate 0.55, c = 100 labels (prevalence
 0.02-0.3), label r planted +-10% more frequent when attribute r % 4 is present; eta = 0.8,
@@ -44,13 +44,13 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from pipeline.mixing.m4 import (  # noqa: E402
+from pipeline.balance.m4.core import (  # noqa: E402
     M4Problem,
     fit_streaming,
     m4_keep_probabilities,
     write_keep_probabilities,
 )
-from pipeline.mixing.m4_report import M4StatisticsAccumulator  # noqa: E402
+from pipeline.balance.m4.statistics import M4StatisticsAccumulator  # noqa: E402
 
 M, C = 4, 100
 ETA, EPS_R, EPS_A = 0.8, 0.02, 0.01

@@ -4,11 +4,11 @@
 One run, the same long-tailed sources, the same temperature-sampling probabilities
 (p_i proportional to n_i^(1/tau), from ``pipeline.mixing.Temperature``) for everything:
 
-ours (``pipeline.sampler``), both ``mode="exact"`` and ``mode="stochastic"``:
+ours (``pipeline.sampling.sampler``), both ``mode="exact"`` and ``mode="stochastic"``:
   * index generation: ``MixtureSampler.positions(start, stop)`` in big chunks (samples/s);
   * end-to-end mixed-example throughput: ``RankBatchSampler`` micro-batches, rows read from
     Arrow with one batched ``dataset[list_of_indices]`` per source and micro-batch, as
-    ``pipeline.examples.MixtureDataset.build`` does, but the raw ``text`` column,
+    ``pipeline.data.text_rows.MixtureDataset.build`` does, but the raw ``text`` column,
     untokenised (the baselines do not tokenise either), and without its ``SourceSplit``
     train/validation row mapping (examples/s);
   * resume latency: ``draw_counts(step) + global_batch(step)`` on a freshly built sampler
@@ -151,7 +151,7 @@ def write_synthetic(folder: Path, num_sources: int, smallest: int, largest: int,
 def load_corpus(args: argparse.Namespace):
     """(corpus, source names, description) of the benchmark's sources, prepared and cached."""
     from data_recipes.text_dir import TextDir
-    from pipeline.sources import prepare_sources
+    from pipeline.data.corpus import prepare_sources
 
     data = Path(args.data)
     files = sorted(data.glob("*.txt")) if data.is_dir() else []
@@ -194,7 +194,7 @@ def fetch_texts(micro: list[tuple[int, int, int]], reader) -> list[str]:
 
 def run_ours_e2e(sampler, reader, micro_batch: int, examples: int) -> tuple[float, float, float, np.ndarray]:
     """One pass: (examples/s, seconds in the batch sampler, seconds reading rows, sources)."""
-    from pipeline.sampler import RankBatchSampler
+    from pipeline.sampling.sampler import RankBatchSampler
 
     steps = max(1, math.ceil(examples / sampler.global_batch_size))
     batches = iter(RankBatchSampler(sampler, 0, 1, micro_batch, start_step=0, num_steps=steps))
@@ -218,7 +218,7 @@ def run_ours_e2e(sampler, reader, micro_batch: int, examples: int) -> tuple[floa
 
 
 def bench_ours(args, res: Results, stage, docs: dict[str, int], reader, probs: np.ndarray) -> None:
-    from pipeline.sampler import MixtureSampler
+    from pipeline.sampling.sampler import MixtureSampler
 
     def build(mode: str) -> MixtureSampler:
         return MixtureSampler(stage, docs, args.global_batch, args.total_steps, seed=args.seed, mode=mode)
@@ -283,7 +283,7 @@ def bench_ours(args, res: Results, stage, docs: dict[str, int], reader, probs: n
 
 def profile_ours(args, stage, docs: dict[str, int], reader) -> list[tuple[str, float, float]]:
     """cProfile one end-to-end pass (exact mode): (function, share of total, cumulative s)."""
-    from pipeline.sampler import MixtureSampler
+    from pipeline.sampling.sampler import MixtureSampler
 
     sampler = MixtureSampler(stage, docs, args.global_batch, args.total_steps, seed=args.seed, mode="exact")
     profiler = cProfile.Profile()
@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         numpy=np.__version__, cpus=os.cpu_count(), when=time.strftime("%Y-%m-%d %H:%M"),
     )
     log.info("%d sources (%s); measuring ours", len(names), origin)
-    from pipeline.row_reader import RowReader
+    from pipeline.data.row_reader import RowReader
 
     reader = RowReader(corpus, names)
     bench_ours(args, res, stage, docs, reader, probs)

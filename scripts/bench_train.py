@@ -54,17 +54,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.examples import IGNORE_INDEX  # noqa: E402
+from pipeline.data.text_rows import IGNORE_INDEX  # noqa: E402
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+def compose(overrides):
+    from pipeline.config.compose import compose_config
 
-    import pipeline.mixing.config  # noqa: F401  (registers resolvers)
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 class StepTimer(pl.Callback):
@@ -111,7 +107,7 @@ def run_pipeline(overrides: list[str], warmup: int, workdir: Path) -> StepTimer:
 
 def pipeline_batches(overrides: list[str], steps: int) -> tuple[Any, list[list[dict]]]:
     """(cfg, the datamodule's micro-batches grouped per optimizer step), as train() builds them."""
-    from pipeline.datamodule import datamodule_from_config
+    from pipeline.config.data import datamodule_from_config
     from pipeline.prepare import prepare
 
     cfg = compose(overrides)

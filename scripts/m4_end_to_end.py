@@ -31,27 +31,23 @@ METRICS = ("val/bias/representation/ring", "val/bias/representation_max", "val/b
 
 
 def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from pipeline.config.compose import compose_config
 
-    import pipeline.mixing.config  # noqa: F401  (registers resolvers)
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def data_statistics(cfg) -> dict:
     """Training-data statistics (max |representation|, max |association|, kept fraction)."""
     import numpy as np
 
-    from pipeline.datamodule import build_split, select_sources
-    from pipeline.image_text import image_text_info
-    from pipeline.mixing.m4_report import m4_statistics
-    from pipeline.multimodal_balance import balance_split, training_examples
+    from pipeline.balance.m4.statistics import m4_statistics
+    from pipeline.balance.multimodal import balance_split, training_examples
+    from pipeline.config.data import build_split, selected_sources
+    from pipeline.data.image_text import image_text_info
     from pipeline.prepare import prepare
 
     corpus, _ = prepare(cfg, progress=False)
-    names = select_sources(corpus, cfg.sources.kinds, cfg.sources.include, cfg.sources.exclude)
+    names = selected_sources(cfg, corpus)
     split = build_split(cfg, corpus, names)
     info = image_text_info(corpus, names)
     if cfg.get("balance") and cfg.balance.get("method") == "m4":

@@ -15,13 +15,9 @@ CONF_DIR = REPO / "conf"
 
 def compose(overrides=()):
     """The root config with overrides, composed without running a Hydra app."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from pipeline.config.compose import compose_config
 
-    import pipeline.config_schema  # noqa: F401  (schemas and resolvers, as every entry registers them)
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 @pytest.fixture(scope="session")

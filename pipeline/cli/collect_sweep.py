@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.atomic import atomic_write
-from pipeline.sweeps import collect, group_means, summarize
+from pipeline.evaluation.sweeps import collect, group_means, summarize
+from pipeline.storage.atomic import atomic_write
 
 
 def parse_group(text: str) -> tuple[str, list[str]]:

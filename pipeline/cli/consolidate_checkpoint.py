@@ -11,7 +11,7 @@ moments in `torch.optim` layout, the scheduler, the loops and the data stream po
 (``ckpt_path=<file>``). Runs on CPU. Written atomically (temp file + rename).
 
 ``--zero-world-size N`` instead writes a ZeRO-1/2 checkpoint *directory* re-sharded for N
-ranks (`pipeline.elastic.reshard_zero12_checkpoint`), so training resumes with the same
+ranks (`pipeline.training.zero_checkpoint.reshard_zero12_checkpoint`), so training resumes with the same
 DeepSpeed strategy at N ranks (``ckpt_path=<dir>``); DeepSpeed itself refuses to load shards
 written at another world size.
 """
@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.checkpointing import AtomicCheckpointIO
-from pipeline.elastic import (
+from pipeline.training.checkpointing import AtomicCheckpointIO
+from pipeline.training.zero_checkpoint import (
     CONSOLIDATED_KEY,
     consolidate_zero_checkpoint,
     reshard_zero12_checkpoint,

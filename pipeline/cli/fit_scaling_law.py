@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_write_json
 from pipeline.scaling import (
     LAWS,
     bootstrap,
@@ -47,6 +46,7 @@ from pipeline.scaling import (
     table_from_frame,
     undetermined_parameters,
 )
+from pipeline.storage.atomic import atomic_write_json
 
 log = logging.getLogger("fit_scaling_law")
 

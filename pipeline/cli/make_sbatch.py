@@ -19,21 +19,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-import pipeline.config_schema  # noqa: F401  (registers base_config and the resolvers)
-from pipeline.atomic import atomic_write
-from pipeline.config_location import CONFIG_DIR
-from pipeline.launch import is_launch_override, sbatch_script
-from pipeline.run_outputs import config_digest
+from pipeline.config.compose import compose_config
+from pipeline.storage.atomic import atomic_write
+from pipeline.training.identity import config_digest
+from pipeline.training.slurm import is_launch_override, sbatch_script
 
 
 def compose_with_launch(overrides: list[str]):
     if not any(is_launch_override(o) and o.lstrip("+").startswith("launch=") for o in overrides):
         overrides = ["launch=slurm", *overrides]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides), overrides
+    return compose_config(overrides), overrides
 
 
 def write_atomic(path: Path, text: str) -> None:

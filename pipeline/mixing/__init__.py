@@ -9,8 +9,6 @@ Usable without Lightning::
 
 from pipeline.mixing.base import Compose, MixingStage
 from pipeline.mixing.cooldown import Cooldown
-from pipeline.mixing.m4 import M4, m4_keep_probabilities, m4_subsample
-from pipeline.mixing.m4_report import m4_statistics
 from pipeline.mixing.manual import Manual
 from pipeline.mixing.order_matters import OrderMatters
 from pipeline.mixing.plan import MixturePlan
@@ -21,7 +19,6 @@ from pipeline.mixing.upweight import Upweight
 __all__ = [
     "Compose",
     "Cooldown",
-    "M4",
     "Manual",
     "MixingStage",
     "MixturePlan",
@@ -29,9 +26,6 @@ __all__ = [
     "Proportional",
     "Temperature",
     "UniMax",
-    "m4_keep_probabilities",
-    "m4_statistics",
-    "m4_subsample",
     "Upweight",
     "temperature_probs",
     "unimax_allocation",

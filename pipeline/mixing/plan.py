@@ -28,15 +28,15 @@ class MixturePlan:
         sample_probs: (S,) float64, non-negative, sums to 1.
         loss_weights: (S,) float64, non-negative; 1.0 means "a token counts once".
         example_keep: optional {source: (num_documents,) bool} mask of the examples the
-            sampler may draw (M4 balancing, subsample mode; see pipeline/mixing/m4.py);
+            sampler may draw (M4 balancing, subsample mode; see pipeline/balance/m4/core.py);
             sources without an entry, or ``None``, keep every example. Honoured by
-            `pipeline.sampler.MixtureSampler`: it draws only kept examples (a pass over the
+            `pipeline.sampling.sampler.MixtureSampler`: it draws only kept examples (a pass over the
             source is a pass over its kept ones) and refuses a mask that changes over the
             run, does not match the source's document count or keeps nothing.
         example_weights: optional {source: (num_documents,) float64} per-example factor on
             the loss weight of the example's tokens (M4 balancing, weights mode); sources
             without an entry, or ``None``, use 1. Applied by the collators
-            (`pipeline.examples.plan_loss_weight`): an example's loss weight is its source's
+            (`pipeline.data.text_rows.plan_loss_weight`): an example's loss weight is its source's
             ``loss_weights`` entry times this factor at the example's index.
     """
 

@@ -1,6 +1,7 @@
-"""Pre-flight mixture report: what the configured mixture will do, before any training.
+"""Pre-flight mixture report: what a planned stream will do, before any training.
 
-    python -m pipeline.mixing.report experiment=demo mixture=unimax run.total_steps=5000
+Pure: it evaluates the sampler's schedule (`python -m pipeline.report` composes the config,
+prepares the data and prints it).
 
 Per source and per schedule phase: size, sampling probability and loss weight at the
 phase's first and last step, expected draws in the phase, and cumulative epochs at its end;
@@ -10,15 +11,27 @@ limit. Training logs the same table before its first step.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import Protocol
 
 import numpy as np
 
-from pipeline.sampler import MixtureSampler
+from pipeline.mixing.schedule import MixtureSchedule
 
-log = logging.getLogger(__name__)
+
+class PlannedStream(Protocol):
+    """What the report reads of a sampler (`pipeline.sampling.sampler.MixtureSampler`)."""
+
+    schedule: MixtureSchedule
+    sources: tuple[str, ...]
+    num_documents: np.ndarray  # (S,)
+    global_batch_size: int
+    mode: str
+    seed: int
+
+    def cumulative_targets(self, step: int) -> np.ndarray:
+        """(S,) expected draws per source over steps [0, step)."""
 
 
 @dataclass
@@ -69,7 +82,7 @@ class MixtureReport:
         ]
 
 
-def build_report(sampler: MixtureSampler, sizes: dict[str, float] | None = None,
+def build_report(sampler: PlannedStream, sizes: dict[str, float] | None = None,
                  size_unit: str = "documents", max_epochs: float = 10.0) -> MixtureReport:
     """Evaluate the sampler's schedule at every phase boundary (no stream is generated)."""
     schedule = sampler.schedule
@@ -138,34 +151,3 @@ def format_report(report: MixtureReport) -> str:
                  f"{len(over)} exceed {report.max_epochs:g} epochs{': ' + ', '.join(over) if over else ''}.")
     return "\n".join(lines)
 
-
-def report_for_config(cfg) -> tuple[MixtureReport, str]:
-    """Prepare (cached) the configured data, build the sampler and its report."""
-    from pipeline.datamodule import build_sampler_for
-    from pipeline.mixing.config import mixture_sizes
-    from pipeline.prepare import prepare
-
-    corpus, _ = prepare(cfg)
-    sampler = build_sampler_for(cfg, corpus)
-    sizes = mixture_sizes(cfg.mixture, corpus.sizes)
-    report = build_report(sampler, sizes, cfg.mixture.get("size_unit", "documents"),
-                          cfg.get("report", {}).get("max_epochs", 10.0))
-    return report, format_report(report)
-
-
-def main() -> None:
-    import hydra
-
-    import pipeline.config_schema  # noqa: F401  (registers base_config)
-    from pipeline.config_location import CONFIG_DIR
-
-    @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-    def _run(cfg) -> None:
-        _, text = report_for_config(cfg)
-        log.info("\n%s", text)
-
-    _run()
-
-
-if __name__ == "__main__":
-    main()

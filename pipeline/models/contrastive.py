@@ -16,7 +16,7 @@ the returned loss is multiplied by the world size to undo data-parallel averagin
 Validation: per-source held-out loss, retrieval recall@1/5/10 (image->text, text->image)
 over the held-out rows of every source, and on the reference rows (or the held-out rows
 when the corpus has no reference source): zero-shot accuracy over label prompts,
-representation bias per attribute and association bias (`pipeline.metrics_retrieval`).
+representation bias per attribute and association bias (`pipeline.evaluation.retrieval`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
-from pipeline.data_accounting import DataAccounting
-from pipeline.examples import PADDING_STEP
-from pipeline.metrics import PerSourceSum, source_key
-from pipeline.metrics_retrieval import (
+from pipeline.data.text_rows import PADDING_STEP
+from pipeline.evaluation.metrics import PerSourceSum, source_key
+from pipeline.evaluation.retrieval import (
     PairedEmbeddings,
     association_gaps,
     data_association_gaps,
@@ -43,6 +42,7 @@ from pipeline.metrics_retrieval import (
     zero_shot_accuracy,
     zero_shot_probs,
 )
+from pipeline.models.data_accounting import DataAccounting
 from pipeline.models.image_tower import ImageTowerConfig, build_image_tower
 from pipeline.models.optim import adamw_with_schedule, check_schedule
 from pipeline.models.transformer import DecoderOnlyTransformer, TransformerConfig
@@ -149,7 +149,7 @@ class ContrastiveModel(DataAccounting, pl.LightningModule):
                                  init_logit_scale, init_logit_bias)
         num = len(self.sources)
         self.val_loss = PerSourceSum(num)
-        self.init_data_accounting(num)  # seen_tokens, seen_rows (pipeline.data_accounting)
+        self.init_data_accounting(num)  # seen_tokens, seen_rows (pipeline.models.data_accounting)
         self.val_pairs = PairedEmbeddings()
         self.reference_pairs = PairedEmbeddings()
         self.bias_eval = dict(bias_eval or {})
@@ -252,7 +252,7 @@ class ContrastiveModel(DataAccounting, pl.LightningModule):
     # -- zero-shot and bias ------------------------------------------------------------------
     def _prompt_tokenizer(self):
         if self._tokenizer is None and self._tokenizer_path is not None:
-            from pipeline.tokenizer import Tokenizer
+            from pipeline.data.tokenizer import Tokenizer
 
             self._tokenizer = Tokenizer.load(self._tokenizer_path)
         return self._tokenizer

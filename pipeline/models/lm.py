@@ -1,7 +1,7 @@
 """LightningModule for multilingual language modelling and decoder-only translation.
 
 Training objective per optimizer step: sum_i w_i * CE_i / N_global over the global batch
-(`pipeline.losses`). Lightning divides a returned loss by the accumulation steps and data
+(`pipeline.models.losses`). Lightning divides a returned loss by the accumulation steps and data
 parallelism averages gradients over ranks, so each micro-batch returns
 ``accumulation * world_size * sum_i w_i CE_i / N_global``: the summed gradient is then
 exactly the gradient of the global objective. Logged ``train/loss`` is the objective itself.
@@ -9,7 +9,7 @@ exactly the gradient of the global objective. Logged ``train/loss`` is the objec
 Metrics: per-source validation loss and perplexity, chrF per parallel source from greedy
 decoding of held-out translation rows, and the shared ``data/*`` accounting (target tokens
 and rows seen per source, mixture probabilities, loss weights and epochs:
-`pipeline.data_accounting`, checkpointed with the run).
+`pipeline.models.data_accounting`, checkpointed with the run).
 
 chrF is sacrebleu's corpus chrF (character 6-grams, no word n-grams: chrF, not chrF++;
 beta 2; 0-100) over the hypothesis and reference strings of every rank (gathered, so one
@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from pipeline.data_accounting import DataAccounting
-from pipeline.examples import IGNORE_INDEX
-from pipeline.losses import LossConfig, TokenLossHead
-from pipeline.metrics import PerSourceSum, corpus_chrf, gather_objects, source_key
+from pipeline.data.text_rows import IGNORE_INDEX
+from pipeline.evaluation.metrics import PerSourceSum, corpus_chrf, gather_objects, source_key
+from pipeline.models.data_accounting import DataAccounting
+from pipeline.models.losses import LossConfig, TokenLossHead
 from pipeline.models.optim import adamw_with_schedule, check_schedule
 from pipeline.models.transformer import DecoderOnlyTransformer, TransformerConfig
 
@@ -56,7 +56,7 @@ class LanguageModel(DataAccounting, pl.LightningModule):
                  tokenizer_path: str | None = None):
         super().__init__()
         # Plain strings in the saved hyperparameters: the composed config's enum values
-        # (pipeline.config_schema.LossImpl) would tie checkpoints to that class.
+        # (pipeline.config.schema.LossImpl) would tie checkpoints to that class.
         loss = {k: v.value if isinstance(v, Enum) else v for k, v in dict(loss).items()}
         self.save_hyperparameters()
         self.sources = list(sources)
@@ -65,7 +65,7 @@ class LanguageModel(DataAccounting, pl.LightningModule):
         check_schedule(schedule)
         num = len(self.sources)
         self.val_loss = PerSourceSum(num)
-        self.init_data_accounting(num)  # seen_tokens, seen_rows (pipeline.data_accounting)
+        self.init_data_accounting(num)  # seen_tokens, seen_rows (pipeline.models.data_accounting)
         self.source_kinds = list(source_kinds or ["mono"] * num)
         self.target_languages = list(target_languages or [])
         # (source index, target language, hypothesis, reference) decoded this validation pass.
@@ -214,7 +214,7 @@ class LanguageModel(DataAccounting, pl.LightningModule):
 
     def _decoder_tokenizer(self):
         if self._tokenizer is None and self._tokenizer_path is not None:
-            from pipeline.tokenizer import Tokenizer
+            from pipeline.data.tokenizer import Tokenizer
 
             self._tokenizer = Tokenizer.load(self._tokenizer_path)
         return self._tokenizer

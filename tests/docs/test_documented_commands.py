@@ -330,7 +330,7 @@ COVERAGE: dict[str, Scaled] = {
     ".venv/bin/python -m pipeline.prepare data=tatoeba_mono":
         Scaled(append=("cache_dir={cache}", "progress=false", "data.languages=[eng,afr,tzl]", *SMALL_TOKENIZER),
                check=output_contains("prepared sources"), needs_shared=True),
-    ".venv/bin/python -m pipeline.mixing.report experiment=demo mixture=unimax run.total_steps=5000":
+    ".venv/bin/python -m pipeline.report experiment=demo mixture=unimax run.total_steps=5000":
         Scaled(append=("cache_dir={cache}", "progress=false"), check=output_contains("UniMax")),
     ".venv/bin/python -m pipeline.train experiment=demo data=tatoeba_mono data.path=my_corpus/mono":
         train("logger=none", *OWN_DATA_TOKENIZER),

@@ -1,4 +1,4 @@
-"""pipeline.batch_geometry: one formula for global batch / world size / micro-batch, checked
+"""pipeline.sampling.batch_geometry: one formula for global batch / world size / micro-batch, checked
 before any data is prepared; and real 2-process runs without a micro-batch override."""
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.batch_geometry import (
+from pipeline.sampling.batch_geometry import (
     BatchGeometry,
     config_world_size,
     geometry_for_trainer,

@@ -10,10 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sacrebleu.metrics import CHRF
 
-from pipeline.metrics import corpus_chrf, gather_objects
-from pipeline.run_outputs import format_results_table
-from pipeline.sweeps import collect
+from pipeline.evaluation.metrics import corpus_chrf, gather_objects
+from pipeline.evaluation.sweeps import collect
 from pipeline.train import train
+from pipeline.training.results import format_results_table
 
 # Hypotheses with an empty one, a zero-overlap one and partial matches.
 HYPOTHESES = ["", "xyz qqq", "the cat sat", "Der Hund bellt laut"]

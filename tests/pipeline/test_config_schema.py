@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from pipeline.config_schema import check_targets  # noqa: E402
+from pipeline.config.schema import check_targets  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # Groups whose options are selected with `group=option` (experiment and sweep are global files).
@@ -150,12 +150,9 @@ def conf_copy(tmp_path):
 
 
 def _compose_from(conf_dir: Path, overrides):
-    from hydra import compose, initialize_config_dir
+    from pipeline.config.compose import compose_config
 
-    import pipeline.config_schema  # noqa: F401
-
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(overrides, config_dir=conf_dir)
 
 
 @pytest.mark.parametrize(

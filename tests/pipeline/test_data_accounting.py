@@ -1,4 +1,4 @@
-"""One data-accounting path for both model families (`pipeline.data_accounting`).
+"""One data-accounting path for both model families (`pipeline.models.data_accounting`).
 
 * A multimodal run resumed at step 2 of 4 equals the uninterrupted run: samples and tokens
   seen per source (checkpointed counts) and per-step losses.
@@ -57,13 +57,9 @@ def _counts(record: dict) -> dict:
 
 
 def _compose(overrides):
-    """conftest's compose, for the module-scoped fixture (conftest is not importable)."""
-    from hydra import compose, initialize_config_dir
+    from pipeline.config.compose import compose_config
 
-    import pipeline.config_schema  # noqa: F401
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datamodule import MixtureDataModule, datamodule_from_config, select_sources
-from pipeline.examples import (
+from pipeline.config.data import datamodule_from_config
+from pipeline.data.datamodule import MixtureDataModule, select_sources
+from pipeline.data.split import SourceSplit
+from pipeline.data.text_rows import (
     IGNORE_INDEX,
     PADDING_STEP,
     MixtureCollator,
@@ -11,8 +13,7 @@ from pipeline.examples import (
     num_targets,
 )
 from pipeline.mixing import Compose, Cooldown, Upweight
-from pipeline.sampler import MixtureSampler
-from pipeline.split import SourceSplit
+from pipeline.sampling.sampler import MixtureSampler
 
 
 def _module(demo_data, kinds=("mono",), stage=None, pack=False, workers=0, micro=8):
@@ -176,7 +177,7 @@ def test_collator_multiplies_the_plan_example_weights_in():
 
 
 def test_plan_example_weights_reach_the_batches(demo_data):
-    from pipeline.mixing.m4 import M4
+    from pipeline.balance.m4.core import M4
 
     _, corpus, _ = demo_data
     names = select_sources(corpus, ("mono",))

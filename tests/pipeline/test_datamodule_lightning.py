@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.datamodule import MixtureDataModule, select_sources
-from pipeline.examples import IGNORE_INDEX
+from pipeline.data.datamodule import MixtureDataModule, select_sources
+from pipeline.data.split import SourceSplit
+from pipeline.data.text_rows import IGNORE_INDEX
 from pipeline.mixing import Compose, Cooldown, Upweight
-from pipeline.sampler import MixtureSampler
-from pipeline.split import SourceSplit
+from pipeline.sampling.sampler import MixtureSampler
 
 
 class TinyLM(pl.LightningModule):

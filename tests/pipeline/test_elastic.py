@@ -4,7 +4,7 @@ consolidation of its sharded checkpoint, and resuming it at another world size.
 Every run here is a real `python -m pipeline.train` process (or two torchrun launchers,
 node ranks 0 and 1, one process each) over the demo corpus, prepared once per session.
 Per-step losses come from the CSV logger; the stream each rank trained on comes from
-``record_consumed=true`` (`pipeline.elastic.ConsumedExamplesLog`).
+``record_consumed=true`` (`pipeline.training.callbacks.ConsumedExamplesLog`).
 
 Tolerances: every run sees the same global batches; only float32 summation order differs
 (gradients all-reduced over 2 ranks vs accumulated in one process; DeepSpeed's flat
@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.elastic import consolidate_zero_checkpoint, read_consumed
+from pipeline.training.callbacks import read_consumed
+from pipeline.training.zero_checkpoint import consolidate_zero_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 4, 2
@@ -216,7 +217,7 @@ def test_zero2_world1_resumes_at_world2_with_ddp(demo_data, tmp_path):
     cache = demo_data[0].cache_dir
     run = train_single(tmp_path / "zero2_w1", cache, "strategy=deepspeed_zero2")
     consolidated = tmp_path / "step2.ckpt"
-    from pipeline.checkpointing import AtomicCheckpointIO
+    from pipeline.training.checkpointing import AtomicCheckpointIO
 
     AtomicCheckpointIO().save_checkpoint(consolidate_zero_checkpoint(run / "checkpoints" / "step000002.ckpt"),
                                          consolidated)
@@ -233,7 +234,7 @@ def test_zero2_world1_resumes_at_world2_with_ddp(demo_data, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_zero2_world1_resumes_with_zero2_at_world2_from_resharded_shards(demo_data, tmp_path):
-    from pipeline.elastic import reshard_zero12_checkpoint
+    from pipeline.training.zero_checkpoint import reshard_zero12_checkpoint
 
     cache = demo_data[0].cache_dir
     run = train_single(tmp_path / "zero2_w1", cache, "strategy=deepspeed_zero2")
@@ -246,7 +247,7 @@ def test_zero2_world1_resumes_with_zero2_at_world2_from_resharded_shards(demo_da
 
 
 def test_resharding_refuses_a_world_size_below_one(tmp_path):
-    from pipeline.elastic import reshard_zero12_checkpoint
+    from pipeline.training.zero_checkpoint import reshard_zero12_checkpoint
 
     with pytest.raises(ValueError, match="world_size must be >= 1"):
         reshard_zero12_checkpoint(tmp_path / "a.ckpt", tmp_path / "b.ckpt", 0)
@@ -259,11 +260,11 @@ def test_zero3_world2_consolidates_and_resumes_at_world1(demo_data, tmp_path):
     run = train_torchrun(tmp_path / "zero3_w2", cache, 1, 2, "strategy=deepspeed_zero3")
     consolidated = consolidate_zero_checkpoint(run / "checkpoints" / "step000002.ckpt")
     assert consolidated["mixpipe_consolidated_from"]["zero_stage"] == 3
-    from pipeline.elastic import reshard_zero12_checkpoint
+    from pipeline.training.zero_checkpoint import reshard_zero12_checkpoint
 
     with pytest.raises(ValueError, match="ZeRO-3 checkpoint"):
         reshard_zero12_checkpoint(run / "checkpoints" / "step000002.ckpt", tmp_path / "no.ckpt", 1)
-    from pipeline.checkpointing import AtomicCheckpointIO
+    from pipeline.training.checkpointing import AtomicCheckpointIO
 
     AtomicCheckpointIO().save_checkpoint(consolidated, tmp_path / "step2.ckpt")
     resumed = train_single(tmp_path / "resumed_w1", cache, "strategy=single", f"ckpt_path={tmp_path / 'step2.ckpt'}")
@@ -307,7 +308,7 @@ def test_a_rank_killed_mid_run_is_relaunched_from_the_last_complete_checkpoint(d
 
     import psutil
 
-    from pipeline.datamodule import datamodule_from_config
+    from pipeline.config.data import datamodule_from_config
 
     cache = demo_data[0].cache_dir
     steps, every = 40, 4

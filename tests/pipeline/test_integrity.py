@@ -1,6 +1,6 @@
 """Issue 11: corruption is caught by checksums, progress is not lost, a full disk says so.
 
-Checkpoints (pipeline/checkpointing.py) and prepared sources (pipeline/sources.py) carry
+Checkpoints (pipeline/training/checkpointing.py) and prepared sources (pipeline/data/corpus.py) carry
 checksums written when they are saved and verified before they are used.
 """
 
@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline.atomic
-from pipeline.atomic import atomic_write
-from pipeline.checkpointing import (
+import pipeline.storage.atomic
+from pipeline.storage.atomic import atomic_write
+from pipeline.storage.integrity import file_digest
+from pipeline.training.checkpointing import (
     CHECKSUM_SUFFIX,
     SHARD_CHECKSUMS,
     AtomicCheckpointIO,
@@ -28,7 +29,6 @@ from pipeline.checkpointing import (
     write_last_pointer,
     write_shard_checksums,
 )
-from pipeline.integrity import file_digest
 
 
 def _save(checkpoints: Path, step: int, value: float = 0.0) -> Path:
@@ -72,7 +72,7 @@ def test_last_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, caplog
     bad = _save(tmp_path, 4)
     write_last_pointer(tmp_path, bad, 4, None)
     _corrupt(bad)
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.checkpointing"):
         assert resolve_checkpoint("last", tmp_path) == good
     [line] = [r.getMessage() for r in caplog.records]
     assert "falling back to" in line and str(good) in line and "step000004.ckpt is corrupted" in line
@@ -93,7 +93,7 @@ def test_last_without_its_pointer_uses_the_newest_complete_checkpoint(tmp_path, 
     _save(tmp_path, 6)  # written later, but an earlier step
     (tmp_path / ".step000012.ckpt.tmp").mkdir()  # a staging leftover is never a candidate
     assert not (tmp_path / "last.json").exists()
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.checkpointing"):
         assert resolve_checkpoint("last", tmp_path) == newest
     assert "last.json is missing; resuming from" in caplog.text and str(newest) in caplog.text
 
@@ -101,7 +101,7 @@ def test_last_without_its_pointer_uses_the_newest_complete_checkpoint(tmp_path, 
 def test_a_checkpoint_without_checksums_still_loads_with_a_warning(tmp_path, caplog):
     path = tmp_path / "step000004.ckpt"
     torch.save({"global_step": 4}, path)  # as written before checksums existed
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.checkpointing"):
         assert resolve_checkpoint(path, tmp_path) == path
     assert "has no checksum record" in caplog.text and "unverified" in caplog.text
     assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 4
@@ -118,7 +118,7 @@ def test_sharded_checkpoint_directories_checksum_each_file(tmp_path):
     target = tmp_path / "step000004.ckpt"
     os.replace(staging, target)  # what AtomicModelCheckpoint._save_sharded does after the record
     record = json.loads((target / SHARD_CHECKSUMS).read_text())
-    # Not a top-level file: resharding (pipeline/elastic.py) copies those into the new directory.
+    # Not a top-level file: resharding (pipeline/training/zero_checkpoint.py) copies those into the new directory.
     assert sorted(p.name for p in target.iterdir() if p.is_file()) == ["latest"]
     assert sorted(record["files"]) == ["checkpoint/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                        "checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest"]
@@ -164,7 +164,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
     def no_space(_fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pipeline.atomic.os, "fsync", no_space)
+    monkeypatch.setattr(pipeline.storage.atomic.os, "fsync", no_space)
     with pytest.raises(OSError, match=r"no space left writing .*step000004\.ckpt \(errno 28 ENOSPC"):
         AtomicCheckpointIO().save_checkpoint({"global_step": 4, "weights": torch.zeros(4096)}, path)
     monkeypatch.undo()
@@ -192,7 +192,7 @@ class _Recipe:
 
 
 def test_a_prepared_arrow_file_edited_in_place_is_not_a_cache_hit(tmp_path, caplog):
-    from pipeline.sources import MANIFEST, PreparedCorpus, prepare_sources
+    from pipeline.data.corpus import MANIFEST, PreparedCorpus, prepare_sources
 
     corpus = prepare_sources(_Recipe(), tmp_path, progress=False)
     manifest = json.loads((corpus.path / MANIFEST).read_text())
@@ -204,7 +204,7 @@ def test_a_prepared_arrow_file_edited_in_place_is_not_a_cache_hit(tmp_path, capl
     with pytest.raises(ValueError, match=r"prepared source 'eng': .*data-00000-of-00001\.arrow is corrupted"):
         PreparedCorpus.load(corpus.path)
     recipe = _Recipe()
-    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.corpus"):
         again = prepare_sources(recipe, tmp_path, progress=False)
     assert recipe.calls == 1  # rebuilt, not a cache hit
     assert "data-00000-of-00001.arrow is corrupted" in caplog.text and "rebuilding" in caplog.text
@@ -212,13 +212,13 @@ def test_a_prepared_arrow_file_edited_in_place_is_not_a_cache_hit(tmp_path, capl
 
 
 def test_a_corpus_prepared_before_checksums_loads_with_a_warning(tmp_path, caplog):
-    from pipeline.sources import MANIFEST, PreparedCorpus, prepare_sources
+    from pipeline.data.corpus import MANIFEST, PreparedCorpus, prepare_sources
 
     corpus = prepare_sources(_Recipe(), tmp_path, progress=False)
     manifest = json.loads((corpus.path / MANIFEST).read_text())
     del manifest["checksums"]
     (corpus.path / MANIFEST).write_text(json.dumps(manifest))
-    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.corpus"):
         assert PreparedCorpus.load(corpus.path).num_documents("eng") == 2
     assert "has no checksums" in caplog.text
 
@@ -227,7 +227,7 @@ def test_a_killed_preparation_leaves_no_temp_folder_for_good(tmp_path):
     import subprocess
     import sys
 
-    from pipeline.sources import make_temp_dir, prepare_sources
+    from pipeline.data.corpus import make_temp_dir, prepare_sources
 
     prepared = tmp_path / "prepared"
     prepared.mkdir()
@@ -270,7 +270,7 @@ def test_a_run_resumes_from_the_newest_verified_checkpoint_without_last_json(com
     assert verify_checkpoint(newest) and verify_checkpoint(older)  # the training path writes records
     (checkpoints / "last.json").unlink()
     _corrupt(newest)
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.checkpointing"):
         second = _run(compose_config, demo_data, out, "ckpt_path=last")
     assert "last.json is missing; resuming from" in caplog.text and str(older) in caplog.text
     assert f"{newest} is corrupted" in caplog.text

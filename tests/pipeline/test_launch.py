@@ -1,8 +1,8 @@
-"""pipeline.launch: which allocations an sbatch script can ask for, and what the tasks run."""
+"""pipeline.training.slurm: which allocations an sbatch script can ask for, and what the tasks run."""
 
 import pytest
 
-from pipeline.launch import sbatch_script, slurm_job, training_overrides
+from pipeline.training.slurm import sbatch_script, slurm_job, training_overrides
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

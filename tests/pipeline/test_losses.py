@@ -1,10 +1,10 @@
-"""pipeline.losses: `loss.impl=torch` and `loss.impl=fused` give the same losses and gradients."""
+"""pipeline.models.losses: `loss.impl=torch` and `loss.impl=fused` give the same losses and gradients."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import LossConfig, TokenLossHead, contrastive_loss
+from pipeline.models.losses import LossConfig, TokenLossHead, contrastive_loss
 
 
 def _features(b=29, d=11, seed=0, dtype=torch.float64):

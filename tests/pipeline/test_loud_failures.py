@@ -22,7 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.run_lock import (
+from pipeline.evaluation.sweeps import collect
+from pipeline.train import train
+from pipeline.training.results import format_results_table
+from pipeline.training.run_lock import (
     LOCK_NAME,
     RunDirLock,
     RunRefused,
@@ -30,9 +33,6 @@ from pipeline.run_lock import (
     launch_rank,
     wait_for_own_job,
 )
-from pipeline.run_outputs import format_results_table
-from pipeline.sweeps import collect
-from pipeline.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["experiment=demo", "run.global_batch_size=2", "logger=none", "trainer.enable_progress_bar=false",
@@ -128,13 +128,13 @@ def test_the_ranks_of_one_job_are_let_in_and_another_job_is_not(tmp_path, monkey
             wait_for_own_job(tmp_path, env={"RANK": "1", **torchrun, "MASTER_PORT": "29513"}, wait_s=1)
         # A child of the holder (Lightning's launcher: LOCAL_RANK=1, no job key of the parent's).
         child = subprocess.run(
-            [sys.executable, "-c", f"from pipeline.run_lock import wait_for_own_job; wait_for_own_job({str(tmp_path)!r}, "
+            [sys.executable, "-c", f"from pipeline.training.run_lock import wait_for_own_job; wait_for_own_job({str(tmp_path)!r}, "
                                    "env={'LOCAL_RANK': '1', 'MASTER_PORT': '40000'}, wait_s=5)"],
             cwd=REPO, capture_output=True, text=True, timeout=120)
         assert child.returncode == 0, child.stderr
         # Another job's rank 0 (a separate process): refused, naming this process.
         other = subprocess.run(
-            [sys.executable, "-c", f"from pipeline.run_lock import RunDirLock; RunDirLock({str(tmp_path)!r}).acquire()"],
+            [sys.executable, "-c", f"from pipeline.training.run_lock import RunDirLock; RunDirLock({str(tmp_path)!r}).acquire()"],
             cwd=REPO, capture_output=True, text=True, timeout=120)
         assert other.returncode == 1 and f"in use by another run: pid {os.getpid()}" in other.stderr
     finally:

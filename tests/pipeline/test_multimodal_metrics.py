@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.metrics_retrieval import (
+from pipeline.evaluation.retrieval import (
     PairedEmbeddings,
     association_gaps,
     data_association_gaps,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.image_text import image_text_datamodule_from_config
+from pipeline.config.data import image_text_datamodule_from_config
 from pipeline.models.contrastive import contrastive_objective, rowwise_losses
 from pipeline.prepare import prepare
 from pipeline.train import train
@@ -24,13 +24,9 @@ SMALL = ["experiment=demo_multimodal", "data.sizes={eng:240,fra:120,deu:60}", "d
 
 
 def _compose(overrides):
-    """conftest's compose, for module-scoped fixtures (conftest is not importable)."""
-    from hydra import compose, initialize_config_dir
+    from pipeline.config.compose import compose_config
 
-    import pipeline.mixing.config  # noqa: F401
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 @pytest.fixture(scope="module")
@@ -196,12 +192,12 @@ def test_bad_balance_options_raise(mm, compose_config, override, match):
 
 
 def test_mixing_image_text_with_text_sources_is_refused(compose_config, mm):
-    from pipeline.image_text import is_image_text
+    from pipeline.config.data import is_image_text
 
     cfg, corpus, _ = mm
     assert is_image_text(cfg, corpus)
     with pytest.raises(ValueError, match="not image_text"):
-        from pipeline.image_text import image_text_info
+        from pipeline.data.image_text import image_text_info
 
         class Fake:
             def kind(self, name):

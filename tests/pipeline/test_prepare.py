@@ -10,8 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from pipeline.data.corpus import PreparedCorpus
 from pipeline.prepare import format_table, prepare
-from pipeline.sources import PreparedCorpus
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
@@ -45,7 +45,7 @@ def cache(tmp_path_factory):
 def test_default_config_composes():
     cfg = _compose([])
     assert cfg.data._target_ == "data_recipes.embedded_cldr.EmbeddedCLDR"
-    assert cfg.tokenizer._target_ == "pipeline.tokenizer.TokenizerConfig"
+    assert cfg.tokenizer._target_ == "pipeline.data.tokenizer.TokenizerConfig"
     assert cfg.cache_dir == ".cache/mixpipe"
 
 

@@ -26,14 +26,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpointing import (
+from pipeline.train import train
+from pipeline.training.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
     check_resume_identity,
     read_last_pointer,
     resolve_checkpoint,
 )
-from pipeline.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden" / "demo_resume_losses.json"
@@ -176,7 +176,7 @@ _SLOW_WRITER = """
 import sys, time
 from pathlib import Path
 import torch
-from pipeline.checkpointing import AtomicCheckpointIO
+from pipeline.training.checkpointing import AtomicCheckpointIO
 
 class SlowToPickle:  # the writer is inside torch.save when it is killed
     def __reduce__(self):

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.mixing import Compose, Cooldown, OrderMatters, Temperature, Upweight
 from pipeline.mixing.base import MixingStage
 from pipeline.mixing.plan import MixturePlan, validate_sizes
-from pipeline.sampler import MixtureSampler, RankBatchSampler
+from pipeline.sampling.sampler import MixtureSampler, RankBatchSampler
 
 SIZES = {"eng": 5000, "fra": 700, "deu": 650, "swh": 90, "kab": 12, "fao": 3}
 
@@ -231,7 +231,7 @@ def test_properties(sizes, tau, switch, batch, steps, seed, mode, split):
 
 
 def test_stochastic_chunks_blocks_and_tail_agree_with_the_stream(monkeypatch):
-    from pipeline.allocation import StochasticAllocator
+    from pipeline.sampling.allocation import StochasticAllocator
 
     monkeypatch.setattr(StochasticAllocator, "CHUNK", 1000)  # many chunks, also in the tail
     sampler = make("stochastic", batch=24, steps=40)
@@ -281,7 +281,7 @@ def _mask(n=100, kept=KEPT):
 
 
 def _keep_stages():
-    from pipeline.mixing.m4 import M4
+    from pipeline.balance.m4.core import M4
 
     q = _mask().astype(float)  # q in {0, 1}: the seeded Bernoulli draw keeps exactly KEPT
     return {"hand-made": _Keep({"big": _mask()}),

@@ -9,7 +9,7 @@ import pytest
 
 from data_recipes.base import SourceRecords
 from data_recipes.text_dir import TextDir
-from pipeline.sources import (
+from pipeline.data.corpus import (
     FORMAT_VERSION,
     MANIFEST,
     PreparedCorpus,

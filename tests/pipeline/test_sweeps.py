@@ -23,10 +23,10 @@ import pytest
 from omegaconf import OmegaConf
 from scipy.optimize import minimize_scalar
 
-from pipeline.mixing.config import build_stage
+from pipeline.config.mixing import build_stage
+from pipeline.evaluation.sweeps import collect, group_means, summarize
 from pipeline.scaling import PowerLaw, objective
 from pipeline.scaling.fit import DEFAULT_DELTA, huber
-from pipeline.sweeps import collect, group_means, summarize
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -271,12 +271,9 @@ def test_missing_directory_is_a_clear_error(tmp_path):
 
 
 def _compose_with_hydra(overrides):
-    from hydra import compose, initialize_config_dir
+    from pipeline.config.compose import compose_config
 
-    import pipeline.mixing.config  # noqa: F401  (registers the ${mul:...} resolver)
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    return compose_config(overrides, return_hydra_config=True)
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml")))

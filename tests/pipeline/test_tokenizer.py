@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-import pipeline.tokenizer as tokenizer_mod
+import pipeline.data.tokenizer as tokenizer_mod
 from data_recipes.embedded_cldr import EmbeddedCLDR
-from pipeline.sources import prepare_sources
-from pipeline.tokenizer import (
+from pipeline.data.corpus import prepare_sources
+from pipeline.data.tokenizer import (
     Tokenizer,
     TokenizerConfig,
     count_tokens,

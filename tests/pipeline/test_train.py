@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.examples import IGNORE_INDEX
+from pipeline.data.text_rows import IGNORE_INDEX
 from pipeline.train import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,7 +92,7 @@ def test_upweighting_scales_each_sources_gradient_by_its_plan_weight(demo_data, 
     """Weighted objective == sum_s w_s * (unweighted CE sum of source s) / N, gradients too."""
     from hydra.utils import instantiate
 
-    from pipeline.datamodule import datamodule_from_config
+    from pipeline.config.data import datamodule_from_config
 
     cfg = compose_config(["experiment=demo", *FAST, "mixture=upweight", f"cache_dir={demo_data[0].cache_dir}"])
     _, corpus, tokenizer = demo_data
@@ -118,7 +118,7 @@ def test_upweighting_scales_each_sources_gradient_by_its_plan_weight(demo_data, 
 def test_unit_weights_give_plain_cross_entropy(demo_data, compose_config):
     from hydra.utils import instantiate
 
-    from pipeline.datamodule import datamodule_from_config
+    from pipeline.config.data import datamodule_from_config
 
     cfg = compose_config(["experiment=demo", *FAST, "mixture=proportional", f"cache_dir={demo_data[0].cache_dir}"])
     _, corpus, tokenizer = demo_data

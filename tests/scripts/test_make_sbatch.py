@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-from pipeline.batch_geometry import geometry_for_trainer, geometry_from_config
+from pipeline.sampling.batch_geometry import geometry_for_trainer, geometry_from_config
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "make_sbatch.py"
@@ -100,7 +100,7 @@ def test_directives_match_the_trainer_config(generated):
     (["launch.signal_seconds=0"], []),
 ])
 def test_signal_seconds_sets_the_warning_signal(setting, expected):
-    from pipeline.launch import sbatch_script
+    from pipeline.training.slurm import sbatch_script
 
     overrides = ["experiment=demo", "trainer.devices=2", *setting]
     script = sbatch_script(_compose(["launch=slurm", *overrides]), overrides)
@@ -109,7 +109,7 @@ def test_signal_seconds_sets_the_warning_signal(setting, expected):
 
 
 def test_requeued_tasks_resume_from_the_last_checkpoint():
-    from pipeline.launch import sbatch_script
+    from pipeline.training.slurm import sbatch_script
 
     overrides = ["experiment=demo", "trainer.devices=2"]
     assert " ckpt_path=last " in sbatch_script(_compose(["launch=slurm", *overrides]), overrides)
@@ -192,10 +192,6 @@ def test_an_unschedulable_config_prints_the_key_and_no_script():
 
 
 def _compose(overrides):
-    from hydra import compose, initialize_config_dir
+    from pipeline.config.compose import compose_config
 
-    import pipeline.config_schema  # noqa: F401
-    import pipeline.mixing.config  # noqa: F401
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from pipeline.mixing import Compose, Temperature
-from pipeline.mixing.m4 import (
+from pipeline.balance.m4.core import (
     M4,
     M4InfeasibleError,
     M4Problem,
@@ -18,7 +17,8 @@ from pipeline.mixing.m4 import (
     solve_sources,
     write_keep_probabilities,
 )
-from pipeline.mixing.m4_report import m4_statistics
+from pipeline.balance.m4.statistics import m4_statistics
+from pipeline.mixing import Compose, Temperature
 
 
 def planted(n, m=2, c=5, seed=0, skew=0.55, association=0.3, overlap=False):
@@ -277,7 +277,7 @@ def test_stage_subsample_and_weights_modes(tmp_path):
 # -- issue 11: the streaming solver never breaks what the data already met ------------------------
 
 def _met_then_broken(result, tolerance=1e-4):
-    from pipeline.mixing.m4 import _excess
+    from pipeline.balance.m4.core import _excess
 
     problem = result.duals.problem
     met = _excess(result.before, problem) <= tolerance
@@ -289,7 +289,7 @@ def test_streaming_keeps_a_constraint_the_data_met_at_eps_zero(caplog):
     # every other constraint unmeetable, and the streaming duals then traded s0 away
     # (E[s0] - pi = -0.0255 before this guard); the guard re-solves exactly with s0 hard.
     s, y = planted(2000, seed=1, skew=0.5)
-    with caplog.at_level("WARNING", logger="pipeline.mixing.m4"):
+    with caplog.at_level("WARNING", logger="pipeline.balance.m4.core"):
         result = m4_keep_probabilities(s, y, eps_r=0.0, eps_a=0.0, batch_size=2048, on_violation="ignore")
     met, broken = _met_then_broken(result)
     assert met[0] and not broken.any()
@@ -302,7 +302,7 @@ def test_streaming_keeps_a_constraint_the_data_met_at_eps_zero(caplog):
 
 
 def test_streaming_guard_without_exact_moves_toward_uniform(monkeypatch):
-    import pipeline.mixing.m4 as m4
+    import pipeline.balance.m4.core as m4
 
     monkeypatch.setattr(m4, "EXACT_FALLBACK_LIMIT", 0)  # as if N were too large to solve exactly
     s, y = planted(2000, seed=1, skew=0.5)

@@ -5,10 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.config.mixing import build_stage
 from pipeline.mixing import Compose, Cooldown, OrderMatters, Temperature
-from pipeline.mixing.config import build_stage
-from pipeline.mixing.report import build_report, format_report, report_for_config
-from pipeline.sampler import MixtureSampler
+from pipeline.mixing.report import build_report, format_report
+from pipeline.report import report_for_config
+from pipeline.sampling.sampler import MixtureSampler
 
 REPO = Path(__file__).resolve().parents[3]
 MIXTURES = sorted(p.stem for p in (REPO / "conf" / "mixture").glob("*.yaml"))
@@ -57,7 +58,7 @@ def test_every_shipped_mixture_composes_and_reports(demo_data, compose_config, m
 def test_report_cli_runs(demo_data, tmp_path):
     cfg, _, _ = demo_data
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.mixing.report", "experiment=demo", f"cache_dir={cfg.cache_dir}",
+        [sys.executable, "-m", "pipeline.report", "experiment=demo", f"cache_dir={cfg.cache_dir}",
          "mixture=upweight", f"hydra.run.dir={tmp_path}", "progress=false"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )

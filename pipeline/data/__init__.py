@@ -1,0 +1,1 @@
+"""Prepared corpora, tokenizers, splits, rows and collators, and the Lightning data modules."""

@@ -1,0 +1,1 @@
+"""Metrics (per-source, retrieval, chrF keys) and sweep collection."""

@@ -1,0 +1,1 @@
+"""From a mixture plan to example positions: allocation, permutations, the sampler, batch geometry."""

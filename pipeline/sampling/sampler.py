@@ -1,0 +1,336 @@
+"""Deterministic, resumable, world-size-independent mixture sampler.
+
+The global sample stream is a pure function of (seed, mixture schedule, position):
+
+    position k  ->  source s(k)            (`pipeline.sampling.allocation`: exact or stochastic)
+                ->  draw number d(k)        (how many times s(k) was drawn before k)
+                ->  epoch d // n_s, offset d % n_s
+                ->  example index  perm_{seed, s, epoch}(offset)   (`pipeline.sampling.permutation`)
+                ->  kept_s[that]   when the plan keeps a subset of s (`example_keep`)
+
+``n_s`` is the number of examples a pass over source s covers: every example, or the kept
+ones when the plan carries ``example_keep[s]`` (M4 subsample): then draws cycle over the
+sorted kept indices ``kept_s`` (an index map of size n_s), so no dropped example is ever
+drawn and epochs count passes over the kept data. The mask must be the same in every plan
+of the run (the stream stays closed-form) and is part of the sampler's fingerprint.
+
+Global step t covers positions [t*B, (t+1)*B) for global batch size B. Rank r of W takes
+the contiguous slice r of each global batch and splits it into its micro-batches, so no
+example repeats across ranks within a step and every rank sees the same number of
+batches. Nothing depends on world size, ranks, dataloader workers or prefetch depth: a
+run saved at world size 2 resumes at world size 3 on the same stream. The state is just
+the next step; per-source cursors and epochs are recomputed from it in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.mixing.base import MixingStage
+from pipeline.mixing.plan import MixturePlan, validate_sizes
+from pipeline.mixing.schedule import MixtureSchedule
+from pipeline.sampling.allocation import ExactAllocator, StochasticAllocator
+from pipeline.sampling.batch_geometry import BatchGeometry
+from pipeline.sampling.permutation import hash_key, permute
+
+MODES = ("exact", "stochastic")
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """One optimizer step of the global stream.
+
+    Attributes:
+        step: global step index.
+        source: (B,) int64 source index per example (into `MixtureSampler.sources`).
+        index: (B,) int64 example index within its source.
+        draw: (B,) int64 how many draws of that source preceded this one.
+    """
+
+    step: int
+    source: np.ndarray
+    index: np.ndarray
+    draw: np.ndarray
+
+
+class MixtureSampler:
+    """The global stream of (source, example index) pairs for a planned run.
+
+    Args:
+        stage: mixing stage (usually `Compose` of the configured list).
+        num_documents: {source: documents}; draws are documents of these sources (the
+            plan's ``example_keep`` masks, if any, have this length).
+        global_batch_size: examples per optimizer step across all ranks and micro-batches.
+        total_steps: planned run length (progress = step / total_steps).
+        seed: non-negative integer.
+        mode: "exact" (deterministic allocation) or "stochastic" (seeded multinomial).
+        mixture_sizes: sizes given to the mixing stage (e.g. token counts); defaults to
+            `num_documents`. Either way the plan's probabilities are per *draw*.
+        update_steps: plan segment length in steps (default total_steps / 1000).
+
+    Attributes:
+        total_documents: (S,) every source's example count (the index space of draws).
+        num_documents: (S,) examples one pass over each source covers: `total_documents`,
+            or the kept count for a source the plan's ``example_keep`` subsamples.
+        kept: {source index: sorted kept example indices} for those sources.
+    """
+
+    def __init__(
+        self,
+        stage: MixingStage,
+        num_documents: Mapping[str, int],
+        global_batch_size: int,
+        total_steps: int,
+        seed: int = 0,
+        mode: str = "exact",
+        mixture_sizes: Mapping[str, float] | None = None,
+        update_steps: int | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"sampler mode must be one of {MODES}, got {mode!r}")
+        if int(global_batch_size) < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size!r}")
+        if int(seed) < 0:
+            raise ValueError(f"sampler seed must be a non-negative integer, got {seed!r}")
+        names, docs = validate_sizes(num_documents)
+        if mixture_sizes is not None and set(mixture_sizes) != set(names):
+            extra = sorted(set(mixture_sizes) ^ set(names))
+            raise ValueError(f"mixture_sizes and num_documents disagree on source {extra[0]!r}")
+        self.sources = names
+        self.total_documents = docs.astype(np.int64)
+        self.global_batch_size = int(global_batch_size)
+        self.seed = int(seed)
+        self.mode = mode
+        sizes = {name: (mixture_sizes or num_documents)[name] for name in names}
+        self.schedule = MixtureSchedule(stage, sizes, total_steps, update_steps)
+        self.kept = self._kept_examples()
+        self.num_documents = self.total_documents.copy()
+        self._index_map: np.ndarray | None = None
+        if self.kept:
+            self._mapped = np.zeros(len(names), dtype=bool)
+            self._map_start = np.zeros(len(names), dtype=np.int64)
+            offset = 0
+            for s, kept in self.kept.items():
+                self.num_documents[s] = kept.size
+                self._mapped[s], self._map_start[s] = True, offset
+                offset += kept.size
+            self._index_map = np.concatenate(list(self.kept.values()))
+        if mode == "exact":
+            self.allocator = ExactAllocator(self.schedule, self.global_batch_size)
+        else:
+            self.allocator = StochasticAllocator(self.schedule, self.global_batch_size, self.seed)
+        self.fingerprint = f"{mode}-{self.seed}-{self.global_batch_size}-{self.schedule.digest()}"
+        if self.kept:  # another kept subset is another stream (runs without one keep their fingerprint)
+            hasher = hashlib.sha256()
+            for s, kept in self.kept.items():
+                hasher.update(f"{names[s]}\0{self.total_documents[s]}\0".encode())
+                hasher.update(kept.tobytes())
+            self.fingerprint += f"-keep{hasher.hexdigest()[:16]}"
+
+    def _kept_examples(self) -> dict[int, np.ndarray]:
+        """{source index: sorted kept indices} from the plans' ``example_keep`` (one mask per
+        source for the whole run; ValueError if it changes, misfits the source or keeps nothing)."""
+        masks = None
+        for plan in self.schedule.plans:
+            keep = {name: np.asarray(mask) for name, mask in (plan.example_keep or {}).items()}
+            if masks is None:
+                masks = keep
+            elif keep.keys() != masks.keys() or any(not np.array_equal(keep[n], masks[n]) for n in keep):
+                raise ValueError("the plan's example_keep changes over the run; the sampler needs one "
+                                 "kept subset per source for the whole run (a closed-form stream)")
+        kept = {}
+        for name, mask in (masks or {}).items():
+            if name not in self.sources:
+                raise ValueError(f"example_keep names unknown source {name!r}; sources are {list(self.sources)}")
+            s = self.sources.index(name)
+            if mask.shape != (int(self.total_documents[s]),) or mask.dtype != np.bool_:
+                raise ValueError(f"example_keep for source {name!r} has {mask.size} entries ({mask.dtype}); "
+                                 f"expected a bool mask over its {int(self.total_documents[s])} documents")
+            if not mask.any():
+                raise ValueError(f"example_keep for source {name!r} keeps no example")
+            kept[s] = np.flatnonzero(mask).astype(np.int64)
+        return dict(sorted(kept.items()))
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
+
+    def plan_at(self, step: int) -> MixturePlan:
+        return self.schedule.plan_at(step)
+
+    # -- the stream ----------------------------------------------------------------------
+    def positions(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(source, index, draw) for stream positions [start, stop), each (stop-start,)."""
+        if start < 0 or stop < start:
+            raise ValueError(f"bad position range [{start}, {stop})")
+        source, draw = self.allocator.allocate(start, stop)
+        return source, self._example_index(source, draw), draw
+
+    def global_batch(self, step: int) -> GlobalBatch:
+        start = step * self.global_batch_size
+        source, index, draw = self.positions(start, start + self.global_batch_size)
+        return GlobalBatch(step, source, index, draw)
+
+    def rank_slice(self, step: int, rank: int, world_size: int) -> GlobalBatch:
+        """Rank `rank`'s contiguous share of global step `step`."""
+        per_rank = self.per_rank_batch_size(world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        start = step * self.global_batch_size + rank * per_rank
+        source, index, draw = self.positions(start, start + per_rank)
+        return GlobalBatch(step, source, index, draw)
+
+    def per_rank_batch_size(self, world_size: int) -> int:
+        return BatchGeometry.of(self.global_batch_size, world_size).per_rank_batch_size
+
+    def _example_index(self, source: np.ndarray, draw: np.ndarray) -> np.ndarray:
+        """Map each (source, draw number) to an example index via per-epoch permutations,
+        in one vectorised call for all sources (one permutation per (source, epoch))."""
+        sizes = self.num_documents[source]
+        keys = hash_key(self.seed, source, draw // sizes)
+        index = np.asarray(permute(draw % sizes, sizes, keys), dtype=np.int64)
+        if self._index_map is not None:  # kept subsets: the permuted offset picks a kept example
+            mapped = self._mapped[source]
+            index = index.copy()
+            index[mapped] = self._index_map[self._map_start[source[mapped]] + index[mapped]]
+        return index
+
+    def example_weights(self, step: int) -> list[np.ndarray | None]:
+        """Per source index: the plan's ``example_weights`` at `step` ((total_documents,)
+        float64 factors on each example's loss weight), or None for a source without."""
+        weights = self.plan_at(step).example_weights or {}
+        return [None if name not in weights else np.asarray(weights[name], dtype=np.float64)
+                for name in self.sources]
+
+    # -- accounting --------------------------------------------------------------------
+    def draw_counts(self, step: int) -> np.ndarray:
+        """(S,) draws per source in global steps [0, step): the per-source cursors."""
+        return self.allocator.counts_at(step * self.global_batch_size)
+
+    def epochs(self, step: int) -> dict[str, float]:
+        """Passes over each source consumed before `step` (fractional)."""
+        counts = self.draw_counts(step)
+        return {name: float(c) / float(n) for name, c, n in zip(self.sources, counts, self.num_documents, strict=True)}
+
+    def cumulative_targets(self, step: int) -> np.ndarray:
+        """(S,) expected draws per source before `step` under the schedule."""
+        boundaries = self.schedule.boundaries
+        lengths = np.clip(np.minimum(step, np.append(boundaries[1:], max(step, boundaries[-1])))
+                          - boundaries, 0, None)
+        return (self.schedule.probs * lengths[:, None]).sum(0) * self.global_batch_size
+
+    def state_dict(self, step: int) -> dict:
+        """What a checkpoint needs to continue this stream at `step`."""
+        return {
+            "step": int(step),
+            "fingerprint": self.fingerprint,
+            "sources": list(self.sources),
+            "draw_counts": self.draw_counts(step).tolist(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> int:
+        """Validate a saved state against this sampler and return the step to resume at.
+
+        Raises:
+            ValueError: the checkpoint was written for another seed, mode, batch size,
+                mixture schedule or source list (the stream would not continue).
+        """
+        for key in ("step", "fingerprint", "sources"):
+            if key not in state:
+                raise ValueError(f"sampler state is missing key {key!r}")
+        if list(state["sources"]) != list(self.sources):
+            raise ValueError(f"sampler state sources {state['sources']} != {list(self.sources)}")
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"sampler state fingerprint {state['fingerprint']!r} != {self.fingerprint!r}: "
+                "the seed, mode, global batch size or mixture schedule changed since the checkpoint"
+            )
+        step = int(state["step"])
+        if "draw_counts" in state and list(state["draw_counts"]) != self.draw_counts(step).tolist():
+            raise ValueError("sampler state draw_counts disagree with the recomputed stream")
+        return step
+
+
+class RankBatchSampler:
+    """A DataLoader `batch_sampler` yielding one rank's micro-batches of the global stream.
+
+    Each item is a list of (source_id, example_index, global_step) triples. Batches are
+    made in the main process, so `num_workers` only changes who loads rows, never which.
+
+    One pass (a Lightning "epoch") is the planned run: `len()` is always
+    total_steps * micro-batches per step, and each `iter()` starts at `start_step` (an int,
+    or a callable such as ``lambda: trainer.global_step``, read at every `iter()`) and runs
+    to the end of the pass that step falls in. Lightning counts a resumed epoch's batches
+    from the checkpoint, so reporting the full pass keeps its bookkeeping aligned.
+
+    Args:
+        sampler: the global stream.
+        rank, world_size: this process's place in data parallelism.
+        micro_batch_size: examples per forward pass on this rank (None: the rank's whole
+            share); `geometry` (`pipeline.sampling.batch_geometry`) holds the split and the
+            accumulation, global / (world_size * micro).
+        start_step: first global step to yield (the resume point).
+        num_steps: yield exactly this many global steps instead of the rest of the pass.
+    """
+
+    def __init__(self, sampler: MixtureSampler, rank: int = 0, world_size: int = 1,
+                 micro_batch_size: int | None = None, start_step: int | Callable[[], int] = 0,
+                 num_steps: int | None = None):
+        self.sampler = sampler
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.geometry = BatchGeometry.of(sampler.global_batch_size, self.world_size, micro_batch_size)
+        self.micro_batch_size = self.geometry.micro_batch_size
+        self.accumulation = self.geometry.accumulation
+        self.start_step = start_step
+        self.num_steps = num_steps
+
+    def steps(self) -> range:
+        """Global steps the next `iter()` yields."""
+        start = int(self.start_step() if callable(self.start_step) else self.start_step)
+        if self.num_steps is not None:
+            return range(start, start + int(self.num_steps))
+        total = self.sampler.total_steps
+        return range(start, (start // total + 1) * total)
+
+    def __len__(self) -> int:
+        steps = self.sampler.total_steps if self.num_steps is None else int(self.num_steps)
+        return steps * self.accumulation
+
+    # Positions generated per call: the allocators' per-call cost is fixed (a tree walk,
+    # a permutation pass), so small global batches are generated a window at a time.
+    WINDOW_SAMPLES = 1 << 16
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        steps = self.steps()
+        batch = self.sampler.global_batch_size
+        per_rank = batch // self.world_size
+        window = max(1, self.WINDOW_SAMPLES // batch)
+        size = self.micro_batch_size
+        for first in range(steps.start, steps.stop, window):
+            count = min(window, steps.stop - first)
+            source, index, _ = self.sampler.positions(first * batch, (first + count) * batch)
+            for offset in range(count):
+                step = first + offset
+                lo = offset * batch + self.rank * per_rank
+                triples = [(s, i, step) for s, i in
+                           zip(source[lo:lo + per_rank].tolist(), index[lo:lo + per_rank].tolist(), strict=True)]
+                for micro in range(self.accumulation):
+                    yield MicroBatch(triples[micro * size:(micro + 1) * size],
+                                     step_items=triples if micro == 0 else None)
+
+
+class MicroBatch(list):
+    """A list of (source, index, step) triples; the first micro-batch of each step also
+    carries the rank's whole step slice (`step_items`), so the loss normaliser of the step
+    is known before its first backward pass."""
+
+    def __init__(self, items, step_items=None):
+        super().__init__(items)
+        self.step_items = step_items
+
+    def __reduce__(self):  # pickled to dataloader workers with its step slice
+        return (MicroBatch, (list(self), self.step_items))

@@ -1,0 +1,1 @@
+"""Strategies, checkpoints, callbacks, results and launch: the Trainer side of a run."""
