@@ -28,7 +28,6 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
 from pipeline.data.text_rows import PADDING_STEP
@@ -43,6 +42,7 @@ from pipeline.evaluation.retrieval import (
     zero_shot_probs,
 )
 from pipeline.models.data_accounting import DataAccounting
+from pipeline.models.gradient_scale import gradient_scale
 from pipeline.models.image_tower import ImageTowerConfig, build_image_tower
 from pipeline.models.optim import adamw_with_schedule, check_schedule
 from pipeline.models.transformer import DecoderOnlyTransformer, TransformerConfig
@@ -167,14 +167,6 @@ class ContrastiveModel(DataAccounting, pl.LightningModule):
             return dist.group.WORLD
         return None
 
-    def gradient_scale(self) -> float:
-        """Undo data-parallel gradient averaging (the kernel's gradient is already the global
-        loss's); under DeepSpeed also its second 1/accumulation (see LanguageModel)."""
-        scale = self.trainer.world_size
-        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            scale *= self.trainer.accumulate_grad_batches
-        return float(scale)
-
     def _encode(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.model.encode_image(batch["images"]),
                 self.model.encode_text(batch["input_ids"], batch["eos_positions"]))
@@ -194,7 +186,7 @@ class ContrastiveModel(DataAccounting, pl.LightningModule):
         self._step_loss += float(loss.detach()) / self.trainer.accumulate_grad_batches
         # Caption tokens (<bos> ... <eos>) per row.
         self.count_data(batch["eos_positions"] + 1, batch["source_ids"], batch["source_ids"])
-        return loss * self.gradient_scale()
+        return loss * gradient_scale(self.trainer, per_micro_batch_loss=False)
 
     def on_train_start(self) -> None:
         """Log the pre-flight M4 data statistics (before/after balancing), if any."""

@@ -32,6 +32,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from pipeline.data.text_rows import IGNORE_INDEX
 from pipeline.evaluation.metrics import PerSourceSum, corpus_chrf, gather_objects, source_key
 from pipeline.models.data_accounting import DataAccounting
+from pipeline.models.gradient_scale import gradient_scale
 from pipeline.models.losses import LossConfig, TokenLossHead
 from pipeline.models.optim import adamw_with_schedule, check_schedule
 from pipeline.models.transformer import DecoderOnlyTransformer, TransformerConfig
@@ -109,17 +110,6 @@ class LanguageModel(DataAccounting, pl.LightningModule):
             raise ValueError("first micro-batch of the step carried no step_target_tokens")
         return self._normalizer
 
-    def gradient_scale(self) -> float:
-        """Undo Lightning's 1/accumulation and the data-parallel 1/world gradient average."""
-        accumulation = self.trainer.accumulate_grad_batches
-        scale = accumulation * self.trainer.world_size
-        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            # DeepSpeed's engine.backward divides by gradient_accumulation_steps a second time
-            # (scale_wrt_gas) after Lightning's closure did. Measured on 2 CPU ranks, ZeRO-2,
-            # accumulation 2: global grad norm 1.2411 vs 2.4822 single-process without this.
-            scale *= accumulation
-        return float(scale)
-
     def training_step(self, batch, batch_idx):
         normalizer = self._global_normalizer(batch)
         hidden = self._hidden(batch)
@@ -130,7 +120,7 @@ class LanguageModel(DataAccounting, pl.LightningModule):
         self._step_loss += float(objective.detach())
         self.count_data(torch.ones_like(labels, dtype=torch.float64), batch["token_source_ids"].flatten(),
                         batch["source_ids"], labels != IGNORE_INDEX)
-        return objective * self.gradient_scale()
+        return objective * gradient_scale(self.trainer, per_micro_batch_loss=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Before clipping, after the data-parallel all-reduce: the gradient of the global
