@@ -1,8 +1,8 @@
 """The recipe contract and small helpers shared by the recipes.
 
 A recipe is a plain object (built by Hydra from ``_target_``) that turns raw files into named
-sources. It does not write anything: :func:`pipeline.data.corpus.prepare_sources` stores what it
-yields as Arrow datasets plus a manifest, cached by a hash of :meth:`Recipe.fingerprint`.
+sources. It does not write anything: :func:`pipeline.data.build_corpus.prepare_sources` stores
+what it yields as Arrow datasets plus a manifest, cached by a hash of :meth:`Recipe.fingerprint`.
 
 Record schema:
 
@@ -87,7 +87,7 @@ class SourceRecords:
 
 @runtime_checkable
 class Recipe(Protocol):
-    """What :func:`pipeline.data.corpus.prepare_sources` needs from a recipe."""
+    """What :func:`pipeline.data.build_corpus.prepare_sources` needs from a recipe."""
 
     name: str
 

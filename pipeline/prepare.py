@@ -23,8 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_recipes.base import Recipe
 from pipeline.config import CONFIG_DIR, check_targets
-from pipeline.data.corpus import PreparedCorpus, prepare_sources
-from pipeline.data.tokenizer import Tokenizer, TokenizerConfig, count_tokens, train_tokenizer
+from pipeline.data.build_corpus import prepare_sources
+from pipeline.data.corpus import PreparedCorpus
+from pipeline.data.token_stats import count_tokens
+from pipeline.data.tokenizer import Tokenizer, TokenizerConfig
+from pipeline.data.train_tokenizer import train_tokenizer
 
 log = logging.getLogger("pipeline.prepare")  # stable name under `python -m`
 

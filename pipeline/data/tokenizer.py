@@ -1,11 +1,9 @@
-"""SentencePiece tokenizer trained on a temperature-sampled sample of a prepared corpus.
+"""SentencePiece tokenizer at run time: config, cache key, and the loaded model with language tags.
 
-Training follows mT5: source i is drawn with probability proportional to ``n_i ** (1 / T)``
-(``n_i`` in documents; default ``T = 3.33``, i.e. alpha = 0.3), so the long tail gets more
-vocabulary than its raw share; ``sample_sentences`` sentences are drawn with a seeded numpy RNG
-(both sides of a parallel pair count as sentences). Every language in the corpus gets a
-reserved piece ``<2xxx>`` (a user-defined symbol, never split). Special ids are fixed:
-pad=0, unk=1, bos=2, eos=3. ``byte_fallback`` keeps unseen characters (emoji) out of ``<unk>``.
+Every language in the corpus gets a reserved piece ``<2xxx>`` (a user-defined symbol, never
+split). Special ids are fixed: pad=0, unk=1, bos=2, eos=3. ``byte_fallback`` keeps unseen
+characters (emoji) out of ``<unk>``. Training lives in :mod:`pipeline.data.train_tokenizer`,
+token counts and fertility in :mod:`pipeline.data.token_stats`.
 
 Cache layout::
 
@@ -19,41 +17,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
-import logging
-import re
-import shutil
-import time
-from collections.abc import Iterator
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pipeline.data.corpus import (
-    TMP_PREFIX,
-    PreparedCorpus,
-    canonical_json,
-    make_temp_dir,
-    remove_stale_temp_dirs,
-    write_json_atomic,
-)
-from pipeline.storage.atomic import discard_dir, publish_dir
-
-log = logging.getLogger(__name__)
+from pipeline.data.corpus import canonical_json
 
 TOKENIZER_FORMAT_VERSION = 1
 MODEL_FILE = "spm.model"
 META_FILE = "tokenizer.json"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
-ENCODE_BATCH = 1024
 
 
 @dataclass
 class TokenizerConfig:
-    """Options of :func:`train_tokenizer` (``conf/tokenizer/*.yaml``).
+    """Options of :func:`pipeline.data.train_tokenizer.train_tokenizer` (``conf/tokenizer/*.yaml``).
 
     Attributes:
         vocab_size: total pieces including specials, byte pieces and language tags.
@@ -88,8 +68,8 @@ class TokenizerConfig:
             raise ValueError(
                 f"tokenizer.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}"
             )
-        if not float(self.temperature) > 0:
-            raise ValueError(f"tokenizer.temperature must be > 0, got {self.temperature!r}")
+        if not float(self.temperature) > 0 or math.isinf(float(self.temperature)):
+            raise ValueError(f"tokenizer.temperature must be a finite number > 0, got {self.temperature!r}")
         if not isinstance(self.sample_sentences, int) or self.sample_sentences < 1:
             raise ValueError(
                 f"tokenizer.sample_sentences must be a positive int, got {self.sample_sentences!r}"
@@ -124,7 +104,8 @@ def tokenizer_hash(corpus_hash: str, config: TokenizerConfig) -> str:
 class Tokenizer:
     """A trained SentencePiece model with language tags.
 
-    Use :func:`train_tokenizer` or :meth:`load`; ids never include bos/eos unless you add them.
+    Use :func:`pipeline.data.train_tokenizer.train_tokenizer` or :meth:`load`; ids never include
+    bos/eos unless you add them.
     """
 
     def __init__(self, path: Path, content_hash: str, languages: list[str], meta: dict[str, Any]):
@@ -258,211 +239,3 @@ def _load_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"tokenizer metadata {str(path)!r} is not a JSON object")
     return data
-
-
-# -- training ------------------------------------------------------------------------------
-def temperature_probs(sizes: dict[str, int], temperature: float) -> dict[str, float]:
-    """p_i ~ n_i^(1/T), over sources with n_i > 0, in sorted-name order."""
-    names = sorted(n for n, v in sizes.items() if v > 0)
-    if not names:
-        raise ValueError("cannot sample from a corpus whose sources are all empty")
-    weights = np.array([sizes[n] for n in names], dtype=np.float64) ** (1.0 / float(temperature))
-    weights /= weights.sum()
-    return dict(zip(names, weights.tolist(), strict=True))
-
-
-def sample_sentences(corpus: PreparedCorpus, config: TokenizerConfig) -> list[str]:
-    """Temperature-sampled training sentences (both sides of parallel pairs)."""
-    probs = temperature_probs(corpus.sizes("documents"), config.temperature)
-    names = list(probs)
-    rng = np.random.default_rng(config.seed)
-    picks = rng.choice(len(names), size=config.sample_sentences, p=list(probs.values()))
-    counts = np.bincount(picks, minlength=len(names))
-    out: list[str] = []
-    for name, k in zip(names, counts.tolist(), strict=True):
-        if k == 0:
-            continue
-        ds = corpus.dataset(name)
-        idx = np.sort(rng.integers(0, len(ds), size=k)).tolist()
-        rows = ds[idx]
-        columns = ("src", "tgt") if corpus.kind(name) == "parallel" else ("text",)
-        for column in columns:
-            out.extend(rows[column])
-    # Interleave sources so sentencepiece's own sentence limit (if any) sees a fair mix.
-    order = rng.permutation(len(out))
-    # Newlines would split a document into several training sentences.
-    return [out[i].replace("\n", " ") for i in order]
-
-
-def _train_model(sentences: list[str], languages: list[str], config: TokenizerConfig) -> bytes:
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    kwargs = dict(
-        sentence_iterator=iter(sentences),
-        model_writer=model,
-        vocab_size=config.vocab_size,
-        model_type=config.model_type,
-        character_coverage=config.character_coverage,
-        byte_fallback=config.byte_fallback,
-        user_defined_symbols=[lang_tag(lang) for lang in languages],
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        num_threads=config.num_threads,
-        max_sentence_length=config.max_sentence_length,
-        input_sentence_size=0,  # use every sampled sentence; the sample is already the budget
-        train_extremely_large_corpus=False,
-        minloglevel=2,
-    )
-    if hasattr(spm, "set_random_generator_seed"):
-        spm.set_random_generator_seed(config.seed)
-    try:
-        spm.SentencePieceTrainer.train(**kwargs)
-    except RuntimeError as err:
-        msg = str(err)
-        if "Vocabulary size" in msg or "vocab_size" in msg:
-            raise ValueError(
-                f"tokenizer.vocab_size={config.vocab_size} does not fit this corpus "
-                f"({len(sentences)} sampled sentences, {len(languages)} language tags): {msg.strip()} "
-                f"{vocab_size_hint(msg, config)}"
-            ) from err
-        raise ValueError(f"SentencePiece training failed: {msg.strip()}") from err
-    return model.getvalue()
-
-
-def vocab_size_hint(message: str, config: TokenizerConfig) -> str:
-    """What to change, from SentencePiece's vocabulary-size error (too high or too small)."""
-    high = re.search(r"too high.*?<=\s*(\d+)", message, re.S)
-    if high:
-        return (f"Lower tokenizer.vocab_size to <= {high.group(1)}, or give the tokenizer more text "
-                f"(raise tokenizer.sample_sentences, now {config.sample_sentences}, or add documents).")
-    small = re.search(r"smaller than required_chars\.\s*(\d+)\s*vs\.?\s*(\d+)", message)
-    if small:
-        return (f"Raise tokenizer.vocab_size to >= {small.group(2)} (the characters and special pieces it must hold), or lower "
-                f"tokenizer.character_coverage (now {config.character_coverage}).")
-    if "smaller" in message or "too small" in message:
-        return "Raise tokenizer.vocab_size, or lower tokenizer.character_coverage."
-    return "Change tokenizer.vocab_size (see SentencePiece's message above for the bound)."
-
-
-def train_tokenizer(
-    corpus: PreparedCorpus,
-    config: TokenizerConfig | None = None,
-    cache_dir: str | Path = ".cache/mixpipe",
-) -> Tokenizer:
-    """Train (or load from cache) a tokenizer for ``corpus``.
-
-    Returns:
-        The :class:`Tokenizer` from ``<cache_dir>/tokenizers/<hash[:16]>/``.
-
-    Raises:
-        ValueError: bad config, or a vocab size the sample cannot fill.
-    """
-    config = config or TokenizerConfig()
-    digest = tokenizer_hash(corpus.content_hash, config)
-    root = Path(cache_dir) / "tokenizers"
-    target = root / digest[:16]
-    if target.exists():
-        try:
-            tok = Tokenizer.load(target)
-            if tok.content_hash == digest:
-                log.info("tokenizer: cache hit %s", target)
-                return tok
-            log.warning(
-                "tokenizer at %s has hash %s, expected %s; retraining",
-                target,
-                tok.content_hash[:16],
-                digest[:16],
-            )
-        except ValueError as err:
-            log.warning("tokenizer at %s is invalid (%s); retraining", target, err)
-        discard_dir(target, TMP_PREFIX)
-    languages = corpus.languages()
-    start = time.perf_counter()
-    sentences = sample_sentences(corpus, config)
-    model = _train_model(sentences, languages, config)
-    seconds = time.perf_counter() - start
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(root)
-    tmp = make_temp_dir(root, digest[:16])
-    try:
-        (tmp / MODEL_FILE).write_bytes(model)
-        write_json_atomic(
-            tmp / META_FILE,
-            {
-                "content_hash": digest,
-                "corpus_hash": corpus.content_hash,
-                "config": dataclasses.asdict(config),
-                "languages": languages,
-                "num_sampled_sentences": len(sentences),
-                "train_seconds": round(seconds, 3),
-                "format_version": TOKENIZER_FORMAT_VERSION,
-            },
-        )
-        publish_dir(tmp, target)  # another process may have trained the same tokenizer first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info(
-        "tokenizer: trained %s (%d sentences, %d language tags) in %.1fs",
-        target,
-        len(sentences),
-        len(languages),
-        seconds,
-    )
-    return Tokenizer.load(target)
-
-
-# -- counting ------------------------------------------------------------------------------
-def _text_batches(
-    corpus: PreparedCorpus, name: str, indices: list[int] | None = None
-) -> Iterator[list[str]]:
-    ds = corpus.dataset(name)
-    columns = ("src", "tgt") if corpus.kind(name) == "parallel" else ("text",)
-    if indices is None:
-        for batch in ds.iter(batch_size=ENCODE_BATCH):
-            for column in columns:
-                yield batch[column]
-    else:
-        for start in range(0, len(indices), ENCODE_BATCH):
-            rows = ds[indices[start : start + ENCODE_BATCH]]
-            for column in columns:
-                yield rows[column]
-
-
-def count_tokens(
-    corpus: PreparedCorpus, tokenizer: Tokenizer, progress: bool = True
-) -> dict[str, int]:
-    """Total tokens per source (no bos/eos); parallel sources count src + tgt."""
-    from tqdm.auto import tqdm
-
-    counts: dict[str, int] = {}
-    names = corpus.source_names
-    for name in tqdm(names, desc="count tokens", unit="source", disable=not progress):
-        counts[name] = sum(
-            len(ids) for texts in _text_batches(corpus, name) for ids in tokenizer.encode(texts)
-        )
-    return counts
-
-
-def fertility(
-    corpus: PreparedCorpus, tokenizer: Tokenizer, max_documents: int = 2000, seed: int = 0
-) -> dict[str, float]:
-    """Tokens per character per source, over the whole source or a seeded sample of docs."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, float] = {}
-    for name in corpus.source_names:
-        n = corpus.num_documents(name)
-        indices = (
-            None
-            if n <= max_documents
-            else np.sort(rng.choice(n, max_documents, replace=False)).tolist()
-        )
-        tokens = chars = 0
-        for texts in _text_batches(corpus, name, indices):
-            tokens += sum(len(ids) for ids in tokenizer.encode(texts))
-            chars += sum(len(t) for t in texts)
-        out[name] = tokens / chars if chars else float("nan")
-    return out

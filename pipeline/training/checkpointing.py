@@ -82,9 +82,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             # The record goes first: a crash before the rename leaves a record that does not
             # match (this checkpoint is refused, the previous one is used), never a checkpoint
             # without its record.
-            write_json_atomic(record, {"algorithm": ALGORITHM, "global_step": checkpoint.get("global_step"),
+            atomic_write_json(record, {"algorithm": ALGORITHM, "global_step": checkpoint.get("global_step"),
                                        "files": {path.name: {"size": writer.size,
-                                                             "digest": writer.hasher.hexdigest()}}})
+                                                             "digest": writer.hasher.hexdigest()}}},
+                              **_JSON_FORMAT)
             wrote_record = True
 
         try:
@@ -114,6 +115,9 @@ POINTER_NAME = "last.json"
 IDENTITY_KEY = "mixpipe_identity"  # what the run was (data, tokenizer, model shape), in every checkpoint
 _STAGING_SUFFIX = ".tmp"
 _ASIDE_SUFFIX = ".old"
+# Pointer, identity and checksum files: sorted, indented JSON (anything else as str), staged as
+# `.<name>.<random>.tmp` beside the target; `atomic_write_json(path, obj, **_JSON_FORMAT)`.
+_JSON_FORMAT: dict[str, Any] = {"suffix": _STAGING_SUFFIX, "indent": 2, "sort_keys": True, "default": str}
 CHECKSUM_SUFFIX = ".checksum.json"  # beside a file checkpoint: <name>.checksum.json
 # Inside a sharded (directory) checkpoint, in a folder of its own: tools that rebuild a
 # directory from another (pipeline/training/zero_checkpoint.py resharding) copy its top-level files, and a
@@ -145,7 +149,7 @@ def write_shard_checksums(directory: Path, global_step: int | None = None) -> Pa
     record = checksum_files(directory, files_under(directory, exclude=[SHARD_CHECKSUMS]))
     record["global_step"] = global_step
     target = directory / SHARD_CHECKSUMS
-    write_json_atomic(target, record)
+    atomic_write_json(target, record, **_JSON_FORMAT)
     return target
 
 
@@ -243,11 +247,6 @@ def newest_verified_checkpoint(checkpoints_dir: Path, skip: Path | None = None) 
     return None, skipped
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Indented, sorted JSON published atomically (pointer and identity files)."""
-    atomic_write_json(path, payload, suffix=_STAGING_SUFFIX, indent=2, sort_keys=True, default=str)
-
-
 def write_last_pointer(checkpoints_dir: Path, checkpoint: Path, global_step: int,
                        identity: dict[str, Any] | None) -> Path:
     """Name `checkpoint` (complete, inside `checkpoints_dir`) as the run's last checkpoint.
@@ -260,7 +259,7 @@ def write_last_pointer(checkpoints_dir: Path, checkpoint: Path, global_step: int
     payload = {"checkpoint": os.path.relpath(checkpoint, checkpoints_dir), "global_step": int(global_step),
                "sharded": checkpoint.is_dir(), "identity": identity}
     pointer = checkpoints_dir / POINTER_NAME
-    write_json_atomic(pointer, payload)
+    atomic_write_json(pointer, payload, **_JSON_FORMAT)
     return pointer
 
 
@@ -432,7 +431,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             trainer.save_checkpoint(staging, self.save_weights_only)  # every rank writes its shard
         trainer.strategy.barrier("mixpipe_shards_written")
         if trainer.is_global_zero:
-            write_json_atomic(staging / f"{IDENTITY_KEY}.json", self.identity or {})
+            atomic_write_json(staging / f"{IDENTITY_KEY}.json", self.identity or {}, **_JSON_FORMAT)
             # Checksums of every file, in the staging directory before it is published. (Shards
             # on other nodes' local disks are not visible here; with a shared file system they are.)
             write_shard_checksums(staging, trainer.global_step)

@@ -17,7 +17,7 @@ from data_recipes.image_text_embedded import (
     ImageTextEmbedded,
 )
 from data_recipes.image_text_hf import ImageTextHF
-from pipeline.data.corpus import prepare_sources
+from pipeline.data.build_corpus import prepare_sources
 
 REPO = Path(__file__).resolve().parents[2]
 COCO = REPO.parent / "shared" / "data" / "coco_mini"

@@ -9,12 +9,12 @@ import pytest
 
 from data_recipes.base import SourceRecords
 from data_recipes.text_dir import TextDir
+from pipeline.data.build_corpus import prepare_sources
 from pipeline.data.corpus import (
     FORMAT_VERSION,
     MANIFEST,
     PreparedCorpus,
     content_hash,
-    prepare_sources,
 )
 
 

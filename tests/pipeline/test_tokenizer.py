@@ -5,17 +5,12 @@ import os
 import numpy as np
 import pytest
 
-import pipeline.data.tokenizer as tokenizer_mod
+import pipeline.data.train_tokenizer as train_mod
 from data_recipes.embedded_cldr import EmbeddedCLDR
-from pipeline.data.corpus import prepare_sources
-from pipeline.data.tokenizer import (
-    Tokenizer,
-    TokenizerConfig,
-    count_tokens,
-    fertility,
-    temperature_probs,
-    train_tokenizer,
-)
+from pipeline.data.build_corpus import prepare_sources
+from pipeline.data.token_stats import count_tokens, fertility
+from pipeline.data.tokenizer import Tokenizer, TokenizerConfig
+from pipeline.data.train_tokenizer import sampling_probs, train_tokenizer
 
 SMALL = TokenizerConfig(vocab_size=700, sample_sentences=4000, seed=1)
 
@@ -75,7 +70,7 @@ def test_cache_hit(tok, corpus, cache, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("retrained on a cache hit")
 
-    monkeypatch.setattr(tokenizer_mod, "_train_model", boom)
+    monkeypatch.setattr(train_mod, "_train_model", boom)
     again = train_tokenizer(corpus, SMALL, cache)
     assert again.path == tok.path and again.content_hash == tok.content_hash
     assert os.stat(again.path / "spm.model").st_mtime_ns == mtime
@@ -112,11 +107,15 @@ def test_fertility_for_every_source(tok, corpus):
     assert fertility(corpus, tok, max_documents=50) == fertility(corpus, tok, max_documents=50)
 
 
-def test_temperature_probs_flatten_the_tail():
-    probs = temperature_probs({"big": 10000, "small": 10}, temperature=3.33)
+def test_sampling_probs_flatten_the_tail():
+    probs = sampling_probs({"big": 10000, "small": 10}, temperature=3.33)
     assert probs["small"] > 10 / 10010
     assert np.isclose(sum(probs.values()), 1.0)
-    assert temperature_probs({"a": 9, "b": 1}, 1.0) == pytest.approx({"a": 0.9, "b": 0.1})
+    assert sampling_probs({"a": 9, "b": 1}, 1.0) == pytest.approx({"a": 0.9, "b": 0.1})
+    # Empty sources are left out of the draw; a corpus of only empty sources cannot be sampled.
+    assert sampling_probs({"b": 4, "a": 0}, 2.0) == {"b": 1.0}
+    with pytest.raises(ValueError, match="all empty"):
+        sampling_probs({"a": 0}, 2.0)
 
 
 def test_vocab_too_large_is_a_clear_error(corpus, tmp_path):
@@ -136,6 +135,8 @@ def test_bad_config():
         TokenizerConfig(model_type="wordpiece")
     with pytest.raises(ValueError, match="temperature"):
         TokenizerConfig(temperature=0)
+    with pytest.raises(ValueError, match="temperature"):
+        TokenizerConfig(temperature=float("inf"))
 
 
 def test_vocab_too_small_says_raise_it():
@@ -143,5 +144,5 @@ def test_vocab_too_small_says_raise_it():
     sentences = ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789"] * 20
     cfg = TokenizerConfig(vocab_size=20, sample_sentences=20, character_coverage=1.0, byte_fallback=False)
     with pytest.raises(ValueError, match=r"smaller than required_chars[\s\S]*Raise tokenizer\.vocab_size to >= \d+") as error:
-        tokenizer_mod._train_model(sentences, ["eng"], cfg)
+        train_mod._train_model(sentences, ["eng"], cfg)
     assert "Lower" not in str(error.value)
