@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -146,6 +147,15 @@ def prepare(cfg: DictConfig, progress: bool | None = None) -> tuple[PreparedCorp
     log.info("prepared sources\n%s", format_table(corpus))
     return corpus, tokenizer
 
+
+
+def prepare_once(cfg: DictConfig) -> tuple[PreparedCorpus, Tokenizer]:
+    """`prepare` under a lock in `cache_dir`: every launched process of a run calls it; the
+    first builds what is missing, the others wait and load (`pipeline.train`)."""
+    cache = Path(cfg.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / ".prepare.lock")):
+        return prepare(cfg)
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _prepare_app(cfg: DictConfig) -> None:

@@ -1,19 +1,14 @@
-"""Training entry: ``python -m pipeline.train experiment=demo [overrides]``.
-
-Compose the config, prepare data (cached), print the mixture plan, build the parts from
-their configs (`pipeline.config`, `pipeline.training.assemble`), fit, and write
-``results.json`` in the run directory. Wiring only.
-"""
+"""Training entry: ``python -m pipeline.train experiment=demo [overrides]``. Wiring only:
+compose, prepare data (cached), print the mixture plan, build the parts (`pipeline.config`,
+`pipeline.training.assemble`), fit, and write ``results.json`` in the run directory."""
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
-from filelock import FileLock
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
@@ -21,23 +16,10 @@ from pipeline.config import CONFIG_DIR, check_targets
 from pipeline.config.data import datamodule_from_config
 from pipeline.config.models import build_model
 from pipeline.mixing.report import build_report, format_report
-from pipeline.prepare import prepare
+from pipeline.prepare import prepare_once
 from pipeline.sampling.batch_geometry import geometry_from_config
-from pipeline.training.assemble import (
-    build_logger,
-    build_trainer,
-    log_run_start,
-    output_dir_of,
-    resume_checkpoint,
-)
+from pipeline.training import assemble, results
 from pipeline.training.identity import config_digest, run_identity
-from pipeline.training.results import (
-    end_status,
-    failure_status,
-    format_results_table,
-    results_record,
-    write_results,
-)
 from pipeline.training.run_lock import claim_output_dir
 
 log = logging.getLogger(__name__)
@@ -48,34 +30,32 @@ def train(cfg: DictConfig) -> dict:
     started = time.time()
     geometry = geometry_from_config(cfg)  # batch sizes checked before any data or process
     check_targets(cfg)  # mixture stage and data recipe keys against their _target_
-    output_dir = output_dir_of(cfg)
+    output_dir = assemble.output_dir_of(cfg)
     # One job per output_dir; no fresh run over an old one (overwrite=true, ckpt_path resume).
     with claim_output_dir(output_dir, overwrite=bool(cfg.get("overwrite")), resuming=bool(cfg.get("ckpt_path"))):
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
-        with FileLock(str(Path(cfg.cache_dir) / ".prepare.lock")):  # every launched process runs this
-            corpus, tokenizer = prepare(cfg)
+        corpus, tokenizer = prepare_once(cfg)  # every process: one builds, the others load
         datamodule = datamodule_from_config(cfg, corpus, tokenizer)
         report = build_report(datamodule.sampler, size_unit=cfg.mixture.size_unit, max_epochs=cfg.report.max_epochs)
         rank_zero_info("\n" + format_report(report))
         identity = run_identity(cfg, datamodule, tokenizer)
-        ckpt_path, datamodule.restart_stream_on_load = resume_checkpoint(cfg, output_dir, identity)
+        ckpt_path, datamodule.restart_stream_on_load = assemble.resume_checkpoint(cfg, output_dir, identity)
         model = build_model(cfg, datamodule, corpus, tokenizer)
-        logger = build_logger(cfg, output_dir)
-        trainer = build_trainer(cfg, output_dir, identity, geometry, logger)
-        log_run_start(logger, cfg, report)
+        logger = assemble.build_logger(cfg, output_dir)
+        trainer = assemble.build_trainer(cfg, output_dir, identity, geometry, logger)
+        assemble.log_run_start(logger, cfg, report)
         status = "completed"
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-            status = end_status(trainer.global_step, cfg.run.total_steps)  # or "stopped: max_steps N of M"
+            status = results.end_status(trainer.global_step, cfg.run.total_steps)  # or "stopped: max_steps N of M"
         except BaseException as error:  # preempted / diverged / failed: exit status 1, said in results.json
-            status = failure_status(error)
+            status = results.failure_status(error)
             raise
         finally:
-            record = results_record(cfg, trainer, model, datamodule, status, time.time() - started)
+            record = results.results_record(cfg, trainer, model, datamodule, status, time.time() - started)
             if trainer.is_global_zero:
-                write_results(output_dir / "results.json", record)
-    rank_zero_info("\n" + format_results_table(record))
+                results.write_results(output_dir / "results.json", record)
+    rank_zero_info("\n" + results.format_results_table(record))
     return record
 
 
