@@ -1,7 +1,7 @@
 """M4 balancing of image-text training sources (`balance=m4`), before the sampler is built.
 
 Reads the sensitive attributes and labels of every *training* row (the held-out rows are
-left alone), solves M4 jointly over the selected sources (`pipeline.balance.m4.core.solve_sources`),
+left alone), solves M4 jointly over the selected sources (`pipeline.balance.m4.solve_sources`),
 then applies it as an `M4` mixing stage after the configured mixture's stages, through the
 plan like any stage (`pipeline.config.data.build_sampler_for(..., then=stage)`):
 
@@ -69,7 +69,7 @@ def balance_split(balance: Mapping[str, Any], corpus, names: Sequence[str], spli
         `M4` stage to apply after the mixture's stages, and the M4 report dict (in subsample
         mode with ``kept_rows``: {source: kept count}, the sizes the mixture stages see).
     """
-    from pipeline.balance.m4.core import M4, solve_sources
+    from pipeline.balance.m4 import M4, solve_sources
 
     method = balance.get("method", "none")
     if method not in METHODS:

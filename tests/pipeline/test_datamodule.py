@@ -177,7 +177,7 @@ def test_collator_multiplies_the_plan_example_weights_in():
 
 
 def test_plan_example_weights_reach_the_batches(demo_data):
-    from pipeline.balance.m4.core import M4
+    from pipeline.balance.m4 import M4
 
     _, corpus, _ = demo_data
     names = select_sources(corpus, ("mono",))

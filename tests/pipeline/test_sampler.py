@@ -281,7 +281,7 @@ def _mask(n=100, kept=KEPT):
 
 
 def _keep_stages():
-    from pipeline.balance.m4.core import M4
+    from pipeline.balance.m4 import M4
 
     q = _mask().astype(float)  # q in {0, 1}: the seeded Bernoulli draw keeps exactly KEPT
     return {"hand-made": _Keep({"big": _mask()}),

@@ -1,6 +1,6 @@
 """Exact M4 for small N: the full-data dual maximised by scipy's L-BFGS-B, with a certificate.
 
-The dual of M4 (pipeline/balance/m4/core.py) in x = [mu, lambda+ , lambda-] with
+The dual of M4 (pipeline/balance/m4/problem.py) in x = [mu, lambda+ , lambda-] with
 lambda = lambda+ - lambda-, 0 <= lambda+- <= C / eta (so eps * |lambda| becomes linear), is
 
     g(x) = mean_i phi(w_i) + eta^2 / 2 - mu * eta - eta * sum_j eps_j (lambda+_j + lambda-_j),
@@ -20,7 +20,7 @@ import time
 import numpy as np
 from scipy.optimize import minimize
 
-from pipeline.balance.m4.core import M4Duals, M4Problem
+from pipeline.balance.m4.problem import M4Duals, M4Problem
 
 
 def solve_exact(attributes: np.ndarray, labels: np.ndarray, utility: np.ndarray | None,

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.balance.m4.validation import validate_examples, validate_pi
+
 
 @dataclass(frozen=True)
 class Violation:
@@ -169,8 +171,6 @@ def m4_statistics(attributes, labels, weights=None, pi=0.5, *, eps_r=None, eps_a
             |association| <= eps_a (scalar or (m, c)) are checked and failures listed.
         tolerance: slack added to every bound before a value counts as a violation.
     """
-    from pipeline.balance.m4.core import validate_examples, validate_pi  # avoid an import cycle
-
     s, y, _ = validate_examples(attributes, labels, None)
     pis = validate_pi(pi, s.shape[1])
     if weights is not None:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from pipeline.balance.m4.core import (
+from pipeline.balance.m4 import (
     M4,
     M4InfeasibleError,
     M4Problem,
@@ -277,7 +277,7 @@ def test_stage_subsample_and_weights_modes(tmp_path):
 # -- issue 11: the streaming solver never breaks what the data already met ------------------------
 
 def _met_then_broken(result, tolerance=1e-4):
-    from pipeline.balance.m4.core import _excess
+    from pipeline.balance.m4.api import _excess
 
     problem = result.duals.problem
     met = _excess(result.before, problem) <= tolerance
@@ -289,7 +289,7 @@ def test_streaming_keeps_a_constraint_the_data_met_at_eps_zero(caplog):
     # every other constraint unmeetable, and the streaming duals then traded s0 away
     # (E[s0] - pi = -0.0255 before this guard); the guard re-solves exactly with s0 hard.
     s, y = planted(2000, seed=1, skew=0.5)
-    with caplog.at_level("WARNING", logger="pipeline.balance.m4.core"):
+    with caplog.at_level("WARNING", logger="pipeline.balance.m4.api"):
         result = m4_keep_probabilities(s, y, eps_r=0.0, eps_a=0.0, batch_size=2048, on_violation="ignore")
     met, broken = _met_then_broken(result)
     assert met[0] and not broken.any()
@@ -302,7 +302,7 @@ def test_streaming_keeps_a_constraint_the_data_met_at_eps_zero(caplog):
 
 
 def test_streaming_guard_without_exact_moves_toward_uniform(monkeypatch):
-    import pipeline.balance.m4.core as m4
+    import pipeline.balance.m4.api as m4
 
     monkeypatch.setattr(m4, "EXACT_FALLBACK_LIMIT", 0)  # as if N were too large to solve exactly
     s, y = planted(2000, seed=1, skew=0.5)
