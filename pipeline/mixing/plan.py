@@ -28,7 +28,7 @@ class MixturePlan:
         sample_probs: (S,) float64, non-negative, sums to 1.
         loss_weights: (S,) float64, non-negative; 1.0 means "a token counts once".
         example_keep: optional {source: (num_documents,) bool} mask of the examples the
-            sampler may draw (M4 balancing, subsample mode; see pipeline/balance/m4/core.py);
+            sampler may draw (M4 balancing, subsample mode; see pipeline/balance/m4/stage.py);
             sources without an entry, or ``None``, keep every example. Honoured by
             `pipeline.sampling.sampler.MixtureSampler`: it draws only kept examples (a pass over the
             source is a pass over its kept ones) and refuses a mask that changes over the
