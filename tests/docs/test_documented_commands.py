@@ -280,6 +280,9 @@ CCE_BENCHES = ("/tmp/venv-cce/bin/python scripts/bench_kernels.py --threads 1 --
                "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases softmax",
                "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases flce --repeats 3",
                "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases flce --repeats 3 --threads 1")
+SEARCH_MIXTURE = (".venv/bin/python scripts/search_mixture.py --out search/demo --num-mixtures 16 "
+                  "--group high=eng,rus,deu --group low=san,haw,cor --objective low=2 --max-epochs 4 "
+                  "experiment=demo run.total_steps=200 run.global_batch_size=16 logger=none")
 MIXTURES = ",".join(sorted(p.stem for p in (REPO / "conf" / "mixture").glob("*.yaml")))
 
 COVERAGE: dict[str, Scaled] = {
@@ -369,6 +372,14 @@ COVERAGE: dict[str, Scaled] = {
     "--law power --x-col tokens_seen --loss-col source_val_loss --bootstrap 20 --out fit/":
         Scaled(after=(".venv/bin/python scripts/collect_sweep.py multirun/demo_2x2 --out demo_2x2.csv",),
                check=output_contains("power law, 4 points")),
+    # docs/SWEEPS.md: the mixture search (8 proxies of 4 steps; later flags and overrides win), then its mixture trains
+    SEARCH_MIXTURE: Scaled(append=("--num-mixtures", "8", "run.total_steps=4", "run.global_batch_size=8",
+                                   "validation.documents_per_source=1", "checkpoint.every_n_steps=100",
+                                   "trainer.enable_progress_bar=false", "progress=false", "cache_dir={cache}"),
+                           check=files_exist("search/demo/conf/mixture/searched.yaml", "search/demo/report.json",
+                                             "search/demo/report.md", "search/demo/proxies/search_007/results.json")),
+    ".venv/bin/python -m pipeline.train experiment=demo 'hydra.searchpath=[file://search/demo/conf]' mixture=searched":
+        train("logger=none", after=(SEARCH_MIXTURE,)),
     TATOEBA_SWEEP: Scaled(append=("run.total_steps=2", "run.global_batch_size=8", "evaluation.every_n_steps=null",
                                   "validation.documents_per_source=2", "cache_dir={cache}"),
                           needs_shared=True, slow=True, check=output_contains("Run completed")),
