@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench_harness import DEFAULT_CACHE, REPO, measure, ratio, table, timed, worker_env, write_json
 
 STRATEGIES = ("ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 BASE = ["experiment=demo", "run.total_steps=2", "run.global_batch_size=8", "loader.micro_batch_size=4",
@@ -88,16 +85,12 @@ def worker(args) -> None:
     trainer.fit(model, datamodule=datamodule)
     rank = trainer.global_rank
     out = Path(args.out)
-    saves, loads = [], []
-    for repeat in range(args.repeats):
-        path = out / f"{args.strategy}-{repeat}.ckpt"
-        dist.barrier()
-        started = time.perf_counter()
+
+    def save(path: Path) -> None:
         trainer.save_checkpoint(path)
-        dist.barrier()
-        saves.append(time.perf_counter() - started)
-        dist.barrier()
-        started = time.perf_counter()
+        dist.barrier()  # barrier to barrier: the slowest rank's time
+
+    def load(path: Path) -> None:
         if is_sharded(strategy):
             strategy.deepspeed_engine.load_checkpoint(str(path), load_optimizer_states=True,
                                                       load_lr_scheduler_states=False)
@@ -106,7 +99,14 @@ def worker(args) -> None:
             model.load_state_dict(state["state_dict"])
             trainer.optimizers[0].load_state_dict(state["optimizer_states"][0])
         dist.barrier()
-        loads.append(time.perf_counter() - started)
+
+    saves, loads = [], []
+    for repeat in range(args.repeats):
+        path = out / f"{args.strategy}-{repeat}.ckpt"
+        dist.barrier()
+        saves.append(timed(save, path)[1])
+        dist.barrier()
+        loads.append(timed(load, path)[1])
     sizes = [None] * trainer.world_size
     dist.all_gather_object(sizes, _rank_bytes(out / f"{args.strategy}-0.ckpt", rank))
     if rank == 0:
@@ -131,17 +131,15 @@ def resume_at_world_one(checkpoint: Path, sharded: bool, repeats: int) -> list[f
     from pipeline.models.lm import LanguageModel
     from pipeline.training.zero_checkpoint import consolidate_zero_checkpoint
 
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+    def resume() -> None:
         state = (consolidate_zero_checkpoint(checkpoint) if sharded
                  else torch.load(checkpoint, map_location="cpu", weights_only=False))
         model = LanguageModel(**state["hyper_parameters"])
         model.load_state_dict(state["state_dict"])
         optimizer = model.configure_optimizers()["optimizer"]
         optimizer.load_state_dict(state["optimizer_states"][0])
-        times.append(time.perf_counter() - started)
-    return times
+
+    return list(measure(resume, repeats=repeats).samples)
 
 
 def run_case(model: str, strategy: str, cache: str, out: Path, repeats: int) -> dict:
@@ -150,8 +148,8 @@ def run_case(model: str, strategy: str, cache: str, out: Path, repeats: int) -> 
                "127.0.0.1", "--master-port", str(_free_port()), str(Path(__file__).resolve()), "--worker",
                "--model", model, "--strategy", strategy, "--cache", cache, "--out", str(out / model),
                "--repeats", str(repeats), "--result", str(result)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(command, cwd=REPO, env=worker_env(OMP_NUM_THREADS="1", WANDB_MODE="offline"),
+                          capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"{model} {strategy} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     record = json.loads(result.read_text())
@@ -165,12 +163,8 @@ def reshard_to_world_one(checkpoint: Path, out: Path, repeats: int) -> list[floa
     """Seconds to re-write ZeRO-1/2 shards for one rank (what DeepSpeed then loads natively)."""
     from pipeline.training.zero_checkpoint import reshard_zero12_checkpoint
 
-    times = []
-    for repeat in range(repeats):
-        started = time.perf_counter()
-        reshard_zero12_checkpoint(checkpoint, out / f"resharded-{repeat}.ckpt", 1)
-        times.append(time.perf_counter() - started)
-    return times
+    targets = iter(out / f"resharded-{repeat}.ckpt" for repeat in range(repeats))
+    return list(measure(lambda: reshard_zero12_checkpoint(checkpoint, next(targets), 1), repeats=repeats).samples)
 
 
 def main() -> int:
@@ -178,7 +172,7 @@ def main() -> int:
     parser.add_argument("--models", default="lm_tiny,lm_small")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cache", default=str(REPO / ".cache" / "mixpipe"))
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE))
     parser.add_argument("--json", type=Path, help="also write all records here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -200,27 +194,27 @@ def main() -> int:
                 print(f"{model} {strategy} ...", file=sys.stderr, flush=True)
                 records.append(run_case(model, strategy, args.cache, Path(tmp), args.repeats))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=2))
+        write_json(args.json, records)
 
     median = statistics.median
     print(f"\n2 ranks (CPU, gloo), medians of {args.repeats}; ratios against ddp (plain single file) of the same model")
-    header = (f"{'model':<9} {'params':>10} {'strategy':<16} {'save s':>7} {'x ddp':>6} {'load s':>7} {'x ddp':>6} "
-              f"{'MiB rank0':>9} {'MiB rank1':>9} {'MiB total':>9} {'resume@W=1 s':>12} {'x ddp':>6} {'reshard W=1 s':>13}")
-    print(header)
+    rows = []
     for model in args.models.split(","):
-        rows = [r for r in records if r["model"] == model]
-        base = next((r for r in rows if r["strategy"] == "ddp"), None)
-        for r in rows:
+        records_of_model = [r for r in records if r["model"] == model]
+        base = next((r for r in records_of_model if r["strategy"] == "ddp"), None)
+        for r in records_of_model:
             save, load, resume = median(r["save_s"]), median(r["load_s"]), median(r["resume_w1_s"])
             mib = [b / 2**20 for b in r["bytes_per_rank"]]
 
-            def ratio(value, key, base=base):
-                return f"{value / median(base[key]):6.2f}" if base else "     -"
-            print(f"{model:<9} {r['num_parameters']:>10,} {r['strategy']:<16} {save:7.3f} {ratio(save, 'save_s')} "
-                  f"{load:7.3f} {ratio(load, 'load_s')} {mib[0]:9.2f} {mib[1]:9.2f} {sum(mib):9.2f} "
-                  f"{resume:12.3f} {ratio(resume, 'resume_w1_s')} "
-                  + (f"{median(r['reshard_w1_s']):13.3f}" if r.get("reshard_w1_s") else f"{'-':>13}"))
+            def x_ddp(value, key, base=base):
+                return ratio(value, median(base[key])) if base else None
+            rows.append([model, r["num_parameters"], r["strategy"], save, x_ddp(save, "save_s"), load,
+                         x_ddp(load, "load_s"), mib[0], mib[1], sum(mib), resume, x_ddp(resume, "resume_w1_s"),
+                         median(r["reshard_w1_s"]) if r.get("reshard_w1_s") else None])
+    print(table(["model", "params", "strategy", "save s", "x ddp", "load s", "x ddp", "MiB rank0", "MiB rank1",
+                 "MiB total", "resume@W=1 s", "x ddp", "reshard W=1 s"], rows,
+                formats={"save s": ".3f", "x ddp": ".2f", "load s": ".3f", "MiB rank0": ".2f", "MiB rank1": ".2f",
+                         "MiB total": ".2f", "resume@W=1 s": ".3f", "reshard W=1 s": ".3f"}))
     return 0
 
 

@@ -19,14 +19,13 @@ Prints wall seconds per case (median over repeats) and ratios to the pip install
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_harness import REPO, ratio, summarize, table, timed
 
 
 def _run(*command: str, env: dict | None = None) -> None:
@@ -43,8 +42,6 @@ def pip_unlocked(root: Path, cache: Path) -> None:
 
 def uv_locked(root: Path, cache: Path) -> None:
     """What `make` pays: the Makefile's own venv recipe, pointed at a new folder and uv cache."""
-    import os
-
     venv = root / "venv"
     _run("make", "-s", "-C", str(REPO), f"VENV={venv}", f"{venv}/.installed",
          env={**os.environ, "UV_CACHE_DIR": str(cache)})
@@ -67,17 +64,16 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_pip:
                 cases.insert(0, ("pip, unlocked, cold", pip_unlocked))
             for number, (name, install) in enumerate(cases):
-                started = time.perf_counter()
-                install(scratch / f"case{number}", uv_cache)
-                times.setdefault(name, []).append(time.perf_counter() - started)
-                print(f"{name}: {times[name][-1]:.1f} s", flush=True)
+                _, seconds = timed(install, scratch / f"case{number}", uv_cache)
+                times.setdefault(name, []).append(seconds)
+                print(f"{name}: {seconds:.1f} s", flush=True)
 
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians = {name: summarize(values).median for name, values in times.items()}
     baseline = medians.get("pip, unlocked, cold")
-    print(f"\n{'case':<22} {'median s':>9} {'/ pip':>7}")
-    for name, median in medians.items():
-        ratio = f"{median / baseline:7.2f}" if baseline else f"{'-':>7}"
-        print(f"{name:<22} {median:9.1f} {ratio}")
+    print()
+    print(table(["case", "median s", "/ pip"],
+                [[name, median, ratio(median, baseline)] for name, median in medians.items()],
+                formats={"median s": ".1f", "/ pip": ".2f"}))
     return 0
 
 

@@ -42,14 +42,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_harness import (
+    REPO,
+    Goal,
+    PeakRss,
+    load_average,
+    measure,
+    ratio,
+    table,
+    worker_env,
+    write_json,
+)
 
 FLCE_CASES = {
     "flce N=4096 H=512 V=32000": dict(op="flce", n=4096, h=512, v=32000, repeats=3),
@@ -72,24 +79,6 @@ QUICK_CASES = {
 
 
 # ------------------------------------------------------------------------- worker side
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _build(spec, impl, device):
@@ -168,43 +157,30 @@ def worker(spec: dict, impl: str) -> dict:
     run, leaves = _build(spec, impl, device)
     if impl == "cce":  # keep torch.compile's (re)compilation out of the timed repeats
         torch.autograd.grad(run(), leaves)
-    times = []
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        reset = _reset_peak()
-        base_kib = _status_kib("VmRSS")
-        maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        loss = run()
-        grads = torch.autograd.grad(loss, leaves)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        del loss, grads
+        rss = PeakRss().start()
+    stats = measure(lambda: torch.autograd.grad(run(), leaves), repeats=spec["repeats"],
+                    sync=torch.cuda.synchronize if device == "cuda" else None)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
         method = "cuda max_memory_allocated"
-    elif reset and _status_kib("VmHWM") is not None:
-        peak = (_status_kib("VmHWM") - base_kib) * 1024
-        method = "VmHWM after clear_refs"
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) * 1024
-        method = f"ru_maxrss (before run: {maxrss_before} KiB)"
-    return {"time_s": statistics.median(times), "times_s": times, "peak_bytes": peak,
+        peak, method = rss.extra_bytes()
+    return {"time_s": stats.median, "times_s": list(stats.samples), "peak_bytes": peak,
             "method": method}
 
 
 # ------------------------------------------------------------------------- driver side
 
 
-def measure(name: str, spec: dict, impl: str) -> dict:
+def run_worker(name: str, spec: dict, impl: str) -> dict:
+    """One (case, implementation) measured by `worker` in a fresh interpreter."""
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec), impl]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=worker_env())
     if proc.returncode != 0:
         raise RuntimeError(f"{name} / {impl} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -219,13 +195,6 @@ def cce_unavailable_reason() -> str | None:
                 f"{type(exc).__name__}: {exc}. Install it in a throwaway venv that reuses this "
                 f"one's torch (see docs/BENCHMARKS.md, Kernels) and run the script with it")
     return None
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unavailable"
 
 
 def main() -> None:
@@ -269,7 +238,7 @@ def main() -> None:
     threads = args.threads or torch.get_num_threads()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {threads},"
           f" CUDA: {'yes' if cuda else 'no (GPU goals unmeasured)'}, load average "
-          f"{_load()} at start", flush=True)
+          f"{load_average()} at start", flush=True)
     print("CCE: " + (f"skipped ({cce_reason})" if cce_reason else
                      "measured (cut_cross_entropy, impl='torch_compile' on CPU)"), flush=True)
     rows = []
@@ -278,35 +247,34 @@ def main() -> None:
         for impl in impls:
             if impl == "cce" and spec["op"] != "flce":
                 continue  # CCE has no contrastive loss
-            results[impl] = res = measure(name, spec, impl)
+            results[impl] = res = run_worker(name, spec, impl)
             print(f"  {name:36s} {impl:8s} median {res['time_s']:8.2f} s  extra peak "
                   f"{res['peak_bytes'] / 2**20:9.1f} MiB  ({res['method']}; runs "
                   f"{', '.join(f'{t:.2f}' for t in res['times_s'])})", flush=True)
         naive = results["naive"]
         for impl in [i for i in impls[1:] if i in results]:
             res = results[impl]
-            mem_ratio = res["peak_bytes"] / max(naive["peak_bytes"], 1)
-            time_ratio = res["time_s"] / naive["time_s"]
-            mem_ok = mem_ratio <= 0.1
-            time_ok = time_ratio <= 1.0 if spec["op"] == "flce" else None
-            verdict = "PASS" if mem_ok and time_ok is not False else "MISS"
+            mem_ratio = ratio(res["peak_bytes"], max(naive["peak_bytes"], 1))
+            time_ratio = ratio(res["time_s"], naive["time_s"])
+            goals = [Goal("mem", "mem <= 0.10", mem_ratio, 0.1, "<=", unit="x")]
+            if spec["op"] == "flce":
+                goals.append(Goal("time", "time <= 1.00", time_ratio, 1.0, "<=", unit="x"))
+            verdict = "PASS" if all(goal.passed for goal in goals) else "MISS"
             if impl == "cce":
                 verdict = "n/a"  # a baseline, not ours
             rows.append(dict(case=name, impl=impl, naive=naive, fast=res, mem_ratio=mem_ratio,
-                             time_ratio=time_ratio, verdict=verdict, threads=threads))
+                             time_ratio=time_ratio, verdict=verdict, threads=threads,
+                             goal=", ".join(goal.label for goal in goals)))
         if "cce" in results and "chunked" in results:
             print(f"  {name:36s} chunked / cce time {results['chunked']['time_s'] / results['cce']['time_s']:.2f}",
                   flush=True)
-    print(f"\nload average {_load()} at end")
-    print("case                                 impl     mem/naive  time/naive  goal")
-    for r in rows:
-        goal = ("baseline" if r["impl"] == "cce" else
-                "mem <= 0.10, time <= 1.00" if r["case"].startswith("flce") else "mem <= 0.10")
-        print(f"{r['case']:36s} {r['impl']:8s} {r['mem_ratio']:9.3f}  {r['time_ratio']:10.2f}"
-              f"  {goal}: {r['verdict']}")
+    print(f"\nload average {load_average()} at end")
+    print(table(["case", "impl", "mem/naive", "time/naive", "goal"],
+                [[r["case"], r["impl"], r["mem_ratio"], r["time_ratio"],
+                  f"{'baseline' if r['impl'] == 'cce' else r['goal']}: {r['verdict']}"] for r in rows],
+                formats={"mem/naive": ".3f", "time/naive": ".2f"}))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

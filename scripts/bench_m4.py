@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: streaming M4 (pipeline/balance/m4/core.py) throughput, memory, and gap to the exact solver.
+"""Benchmark: streaming M4 (pipeline/balance/m4/streaming.py) throughput, memory, and gap to the exact solver.
 
 Synthetic data, m = 4 attributes over-represented at rate 0.55, c = 100 labels (prevalence
 0.02-0.3), label r planted +-10% more frequent when attribute r % 4 is present; eta = 0.8,
@@ -23,7 +23,6 @@ F, relative gap, constraint violations, and the time ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,13 +37,10 @@ _THREADS = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--blas-th
 os.environ.setdefault("OPENBLAS_NUM_THREADS", _THREADS)
 os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 import numpy as np  # noqa: E402
+from bench_harness import timed, write_json  # noqa: E402
 
-from pipeline.balance.m4.core import (  # noqa: E402
+from pipeline.balance.m4 import (  # noqa: E402
     M4Problem,
     fit_streaming,
     m4_keep_probabilities,
@@ -90,18 +86,14 @@ def streaming_run(n: int, batch: int, passes: int) -> dict:
     problem = M4Problem.build(M, C, eta=ETA, eps_r=EPS_R, eps_a=EPS_A)
     stream = Stream(n, batch)
     tracemalloc.start()
-    began = time.perf_counter()
-    duals, info = fit_streaming(stream, problem, passes=passes, hessian_rows=8192)
-    fit_wall = time.perf_counter() - began
+    (duals, info), fit_wall = timed(fit_streaming, stream, problem, passes=passes, hessian_rows=8192)
     _, fit_peak = tracemalloc.get_traced_memory()  # no q yet: everything here is per-batch
     fit_generation = stream.generation_seconds
     passes_run = stream.examples_yielded / n  # the solver stops early once the dual stalls
     per_pass = [wall - gen for wall, gen in zip(info["pass_seconds"], stream.generation_per_call, strict=True)]
     q = np.empty(n)
     tracemalloc.reset_peak()
-    began = time.perf_counter()
-    write_keep_probabilities(stream(), duals, q)
-    write_wall = time.perf_counter() - began
+    _, write_wall = timed(write_keep_probabilities, stream(), duals, q)
     write_generation = stream.generation_seconds - fit_generation
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -130,14 +122,10 @@ def streaming_run(n: int, batch: int, passes: int) -> dict:
 
 def exact_comparison(n: int, batch: int, passes: int) -> dict:
     s, y = chunk(1, 0, n)
-    began = time.perf_counter()
-    exact = m4_keep_probabilities(s, y, eta=ETA, eps_r=EPS_R, eps_a=EPS_A, solver="exact",
-                                  on_violation="ignore")
-    exact_s = time.perf_counter() - began
-    began = time.perf_counter()
-    stream = m4_keep_probabilities(s, y, eta=ETA, eps_r=EPS_R, eps_a=EPS_A, batch_size=batch,
-                                   passes=passes, on_violation="ignore")
-    stream_s = time.perf_counter() - began
+    exact, exact_s = timed(m4_keep_probabilities, s, y, eta=ETA, eps_r=EPS_R, eps_a=EPS_A, solver="exact",
+                           on_violation="ignore")
+    stream, stream_s = timed(m4_keep_probabilities, s, y, eta=ETA, eps_r=EPS_R, eps_a=EPS_A, batch_size=batch,
+                             passes=passes, on_violation="ignore")
     return {"n": n, "exact_s": exact_s, "streaming_s": stream_s, "time_ratio_exact_over_streaming": exact_s / stream_s,
             "exact_objective": exact.objective, "streaming_objective": stream.objective,
             "objective_rel_gap": (stream.objective - exact.objective) / exact.objective,
@@ -200,8 +188,7 @@ def main() -> None:
               f"time exact/streaming {row['time_ratio_exact_over_streaming']:.2f}; "
               f"{row['before_violations']} violations before", flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1, default=float))
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -34,34 +34,39 @@ from __future__ import annotations
 import argparse
 import cProfile
 import itertools
-import json
 import logging
 import math
 import os
-import platform
 import pstats
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from bench_harness import (  # noqa: E402
+    DEFAULT_CACHE,
+    REPO,
+    Goal,
+    Series,
+    describe_machine,
+    fmt,
+    fmt_ratio,
+    machine,
+    ratio,
+    render_goals,
+    table,
+    write_json,
+)
 
 log = logging.getLogger("bench_sampler")
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tatoeba" / "mono"
-DEFAULT_CACHE = REPO / ".cache" / "mixpipe"
 MIN_SOURCES = 50
 
 # The issue's goals.
@@ -72,49 +77,19 @@ GOAL_RESUME_MS = 100.0  # resume latency at any position
 
 
 # -- measurements ---------------------------------------------------------------------------
-@dataclass
-class Measure:
-    """One measured quantity: every repeat's value, summarised by the median."""
-
-    key: str
-    label: str
-    unit: str
-    samples: list[float] = field(default_factory=list)
-    note: str = ""
-
-    @property
-    def median(self) -> float:
-        return float(statistics.median(self.samples)) if self.samples else float("nan")
-
-    def as_json(self) -> dict[str, Any]:
-        return {"label": self.label, "unit": self.unit, "median": self.median,
-                "samples": [float(s) for s in self.samples], "note": self.note}
-
-
 class Results:
+    """The run's measured series, in measuring order, and what is known about the data."""
+
     def __init__(self) -> None:
-        self.measures: dict[str, Measure] = {}
+        self.measures: dict[str, Series] = {}
         self.info: dict[str, Any] = {}
 
-    def add(self, key: str, label: str, unit: str, note: str = "") -> Measure:
-        self.measures[key] = Measure(key, label, unit, note=note)
-        return self.measures[key]
-
-    def __getitem__(self, key: str) -> Measure:
+    def add(self, key: str, label: str, unit: str, note: str = "") -> Series:
+        self.measures[key] = Series(key, label, unit, note=note)
         return self.measures[key]
 
     def median(self, key: str) -> float:
         return self.measures[key].median
-
-
-def fmt(value: float, unit: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if unit in ("ms", "s"):
-        return f"{value:,.1f}" if value >= 10 else f"{value:,.2f}" if value >= 1 else f"{value:.3f}"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.3g}"
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -151,7 +126,7 @@ def write_synthetic(folder: Path, num_sources: int, smallest: int, largest: int,
 def load_corpus(args: argparse.Namespace):
     """(corpus, source names, description) of the benchmark's sources, prepared and cached."""
     from data_recipes.text_dir import TextDir
-    from pipeline.data.corpus import prepare_sources
+    from pipeline.data.build_corpus import prepare_sources
 
     data = Path(args.data)
     files = sorted(data.glob("*.txt")) if data.is_dir() else []
@@ -415,44 +390,40 @@ def _map_tv_distance(mixed, dsets: list, probs: np.ndarray, examples: int) -> fl
 
 
 # -- report ---------------------------------------------------------------------------------
-def ratios_and_goals(args, res: Results) -> tuple[list[dict], list[dict]]:
+def ratios_and_goals(args, res: Results) -> tuple[list[dict], list[Goal]]:
+    """Ratios of medians, ours / baseline (one with a goal adds it), then the absolute goals."""
     ratios, goals = [], []
 
-    def ratio(key, label, num, den, goal=None):
-        value = res.median(num) / res.median(den)
-        entry = {"key": key, "label": label, "value": value, "goal": goal}
-        ratios.append(entry)
+    def add_ratio(key, label, num, den, goal=None):
+        value = ratio(res.median(num), res.median(den))
+        ratios.append({"key": key, "label": label, "value": value, "goal": goal})
         if goal is not None:
-            goals.append({"key": key, "label": f"{label} >= {goal:g}x", "value": value,
-                          "unit": "x", "target": goal, "pass": bool(value >= goal)})
+            goals.append(Goal(key, f"{label} >= {goal:g}x", value, goal, ">=", unit="x"))
 
     for mode in args.modes:
         e2e = f"ours_{mode}_e2e"
-        ratio(f"{mode}_e2e_vs_iterable", f"ours {mode} e2e / iterable interleave", e2e,
-              "iterable_rows", GOAL_VS_ITERABLE)
-        ratio(f"{mode}_e2e_vs_map", f"ours {mode} e2e / map-style interleave (build excluded)", e2e,
-              "map_rows", GOAL_VS_MAP)
-        ratio(f"{mode}_e2e_vs_map_incl_build", f"ours {mode} e2e / map-style interleave (build "
-              "included)", e2e, "map_rows_incl_build")
-        ratio(f"{mode}_e2e_vs_map_batched", f"ours {mode} e2e / map-style .iter(batch_size)", e2e,
-              "map_batched")
+        add_ratio(f"{mode}_e2e_vs_iterable", f"ours {mode} e2e / iterable interleave", e2e,
+                  "iterable_rows", GOAL_VS_ITERABLE)
+        add_ratio(f"{mode}_e2e_vs_map", f"ours {mode} e2e / map-style interleave (build excluded)",
+                  e2e, "map_rows", GOAL_VS_MAP)
+        add_ratio(f"{mode}_e2e_vs_map_incl_build", f"ours {mode} e2e / map-style interleave (build "
+                  "included)", e2e, "map_rows_incl_build")
+        add_ratio(f"{mode}_e2e_vs_map_batched", f"ours {mode} e2e / map-style .iter(batch_size)",
+                  e2e, "map_batched")
         last = max(args.iterable_resume_at)
-        ratio(f"{mode}_resume_speedup", f"iterable resume after {last:,} examples / ours {mode} "
-              f"resume at step {args.resume_step:,}", f"iterable_resume_ms@{last}",
-              f"ours_{mode}_resume_ms@{args.resume_step}")
+        add_ratio(f"{mode}_resume_speedup", f"iterable resume after {last:,} examples / ours {mode} "
+                  f"resume at step {args.resume_step:,}", f"iterable_resume_ms@{last}",
+                  f"ours_{mode}_resume_ms@{args.resume_step}")
     for mode in args.modes:
-        value = res.median(f"ours_{mode}_index_rate")
-        goals.append({"key": f"{mode}_index_rate", "label": f"ours {mode} index generation >= 1M "
-                      "samples/s", "value": value, "unit": "samples/s", "target": GOAL_INDEX_RATE,
-                      "pass": bool(value >= GOAL_INDEX_RATE)})
-        value = res.median(f"ours_{mode}_resume_worst_ms")
-        goals.append({"key": f"{mode}_resume", "label": f"ours {mode} resume < 100 ms at every "
-                      "measured position (worst median)", "value": value, "unit": "ms", "target": GOAL_RESUME_MS,
-                      "pass": bool(value < GOAL_RESUME_MS)})
+        goals.append(Goal(f"{mode}_index_rate", f"ours {mode} index generation >= 1M samples/s",
+                          res.median(f"ours_{mode}_index_rate"), GOAL_INDEX_RATE, ">=", unit="samples/s"))
+        goals.append(Goal(f"{mode}_resume", f"ours {mode} resume < 100 ms at every measured position "
+                          "(worst median)", res.median(f"ours_{mode}_resume_worst_ms"), GOAL_RESUME_MS,
+                          "<", unit="ms"))
     return ratios, goals
 
 
-def render(args, res: Results, ratios: list[dict], goals: list[dict],
+def render(args, res: Results, ratios: list[dict], goals: list[Goal],
            profile: list[tuple[str, float, float]] | None) -> str:
     info = res.info
     out = []
@@ -466,26 +437,23 @@ def render(args, res: Results, ratios: list[dict], goals: list[dict],
                f"total_steps {args.total_steps:,}")
     out.append(f"  examples per pass: ours/map-style {args.examples:,}, iterable "
                f"{args.iterable_examples:,}; repeats {args.repeats} (medians below)")
-    out.append(f"  {info['python']}, datasets {info['datasets']}, numpy {info['numpy']}, "
-               f"{info['cpus']} CPUs, {info['when']}")
-    width = max(len(m.label) for m in res.measures.values()) + 2
-    out.append("")
-    out.append(f"{'measurement':<{width}}{'median':>14}  unit        (min .. max over repeats)")
+    out.append(f"  {describe_machine(info['machine'])}")
+    rows = []
     for m in res.measures.values():
-        spread = f"({fmt(min(m.samples), m.unit)} .. {fmt(max(m.samples), m.unit)})" if len(m.samples) > 1 else ""
-        out.append(f"{m.label:<{width}}{fmt(m.median, m.unit):>14}  {m.unit:<11} {spread}")
-    out.append(f"{'iterable: resume at step ' + format(args.resume_step, ','):<{width}}{'n/a':>14}  ms"
-               "          (no state without replaying the stream; see below)")
+        stats = m.stats
+        spread = f"({fmt(stats.min, m.unit)} .. {fmt(stats.max, m.unit)})" if len(m.samples) > 1 else ""
+        rows.append([m.label, fmt(stats.median, m.unit), m.unit, spread])
+    rows.append([f"iterable: resume at step {args.resume_step:,}", "n/a", "ms",
+                 "(no state without replaying the stream; see below)"])
+    out.append("")
+    out.append(table(["measurement", "median", "unit", "(min .. max over repeats)"], rows, align="<><<"))
     out.append("")
     out.append("ratios (medians):")
     for r in ratios:
         goal = f"  goal >= {r['goal']:g}x" if r["goal"] is not None else ""
-        out.append(f"  ratio {r['label']}: {r['value']:.2f}x{goal}")
+        out.append(f"  ratio {r['label']}: {fmt_ratio(r['value'])}{goal}")
     out.append("")
-    out.append("goals:")
-    for g in goals:
-        value = f"{g['value']:.2f}x" if g["unit"] == "x" else f"{fmt(g['value'], g['unit'])} {g['unit']}"
-        out.append(f"  {'PASS' if g['pass'] else 'MISS'}  {g['label']}: {value}")
+    out.append(render_goals(goals))
     out.append("")
     out.append("checks and notes:")
     out.append(f"  same mixture: total-variation distance of the first {args.examples:,} sources from p: "
@@ -593,8 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         origin=origin, num_sources=len(names), sources=names,
         docs_min=int(sizes.min()), docs_median=int(np.median(sizes)), docs_max=int(sizes.max()),
         p_min=float(probs.min()), p_max=float(probs.max()),
-        python=f"Python {platform.python_version()}", datasets=datasets.__version__,
-        numpy=np.__version__, cpus=os.cpu_count(), when=time.strftime("%Y-%m-%d %H:%M"),
+        machine=machine(datasets=datasets.__version__, numpy=np.__version__),
     )
     log.info("%d sources (%s); measuring ours", len(names), origin)
     from pipeline.data.row_reader import RowReader
@@ -610,16 +577,14 @@ def main(argv: list[str] | None = None) -> int:
     print(render(args, res, ratios, goals, profile))
     print(f"\n(total wall time {res.info['wall_s']:.0f} s)")
     if args.json:
-        payload = {
+        write_json(args.json, {
             "config": {k: v for k, v in vars(args).items() if k != "json"},
             "info": res.info,
             "results": {k: m.as_json() for k, m in res.measures.items()},
             "ratios": {r["key"]: r for r in ratios},
-            "goals": {g["key"]: g for g in goals},
+            "goals": {g.key: g.as_json() for g in goals},
             "profile": [{"function": n, "share": s, "seconds": c} for n, s, c in profile or []],
-        }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        })
         log.info("wrote %s", args.json)
     return 0
 

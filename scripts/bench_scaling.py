@@ -21,23 +21,27 @@ Data: the 245 Chinchilla points (../shared/data/scaling, D = C / (6 N)) when pre
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import sys
 import time
 import warnings
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import pandas as pd
+from bench_harness import (
+    REPO,
+    Goal,
+    fmt_ratio,
+    machine,
+    ratio,
+    render_goals,
+    table,
+    timed,
+    write_json,
+)
+from scipy.optimize import curve_fit
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from scipy.optimize import curve_fit  # noqa: E402
-
-from pipeline.scaling import (  # noqa: E402
+from pipeline.scaling import (
     ChinchillaLaw,
     bootstrap,
     errors,
@@ -45,7 +49,7 @@ from pipeline.scaling import (  # noqa: E402
     objective,
     table_from_frame,
 )
-from pipeline.scaling.fit import resolve_jobs  # noqa: E402
+from pipeline.scaling.fit import resolve_jobs
 
 DATA = REPO.parent / "shared" / "data" / "scaling"
 log = logging.getLogger("bench_scaling")
@@ -116,21 +120,25 @@ def regmix_bench(grid_size: int):
     te = pd.read_csv(files[2]).merge(pd.read_csv(files[3]), on="index")
     mcols = [c for c in tr.columns if c.startswith("train_")]
     lcols = [c for c in tr.columns if c.startswith("metric/")]
-    t0 = time.perf_counter()
-    out = {}
-    for lc in lcols:
-        a = table_from_frame(tr, law="mixing", mixture_cols=mcols, loss_col=lc)
-        b = table_from_frame(te, law="mixing", mixture_cols=mcols, loss_col=lc)
-        fit = fit_law(a.law, a.X, a.y, grid_size=grid_size, n_jobs=None)
-        e = errors(fit.predict(b.X), b.y)
-        out[lc.removeprefix("metric/the_pile_").removesuffix("_val_loss")] = {
-            "spearman": e["spearman"],
-            "mape": e["mape"],
-        }
+
+    def fit_targets() -> dict:
+        out = {}
+        for lc in lcols:
+            a = table_from_frame(tr, law="mixing", mixture_cols=mcols, loss_col=lc)
+            b = table_from_frame(te, law="mixing", mixture_cols=mcols, loss_col=lc)
+            fit = fit_law(a.law, a.X, a.y, grid_size=grid_size, n_jobs=None)
+            e = errors(fit.predict(b.X), b.y)
+            out[lc.removeprefix("metric/the_pile_").removesuffix("_val_loss")] = {
+                "spearman": e["spearman"],
+                "mape": e["mape"],
+            }
+        return out
+
+    out, seconds = timed(fit_targets)
     rhos = [v["spearman"] for v in out.values()]
     return {
         "targets": out,
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "spearman_mean": float(np.mean(rhos)),
         "spearman_median": float(np.median(rhos)),
         "spearman_min": float(np.min(rhos)),
@@ -159,15 +167,13 @@ def main(argv=None) -> int:
         "num_points": len(y),
         "jobs": jobs,
         "grid": f"{args.grid_size}^5",
-        "python": platform.python_version(),
-        "machine": platform.machine(),
+        "machine": machine(),
     }
     print(f"data: {source}, {len(y)} points; {jobs} processes", file=sys.stderr)
 
-    t0 = time.perf_counter()
-    ours = fit_law(law, X, y, grid_size=args.grid_size, n_jobs=jobs)
+    ours, seconds = timed(fit_law, law, X, y, grid_size=args.grid_size, n_jobs=jobs)
     res["ours"] = {
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "objective": ours.objective,
         "params": ours.params,
         "num_starts": ours.num_starts,
@@ -175,10 +181,9 @@ def main(argv=None) -> int:
     }
     print(f"ours: {res['ours']['seconds']:.2f}s", file=sys.stderr)
     if not args.quick:
-        t0 = time.perf_counter()
-        ref = fit_law(law, X, y, grid_size=args.grid_size, n_jobs=jobs, method="scipy")
+        ref, seconds = timed(fit_law, law, X, y, grid_size=args.grid_size, n_jobs=jobs, method="scipy")
         res["scipy_engine"] = {
-            "seconds": time.perf_counter() - t0,
+            "seconds": seconds,
             "objective": ref.objective,
             "num_converged": ref.num_converged,
         }
@@ -186,9 +191,8 @@ def main(argv=None) -> int:
     res["curve_fit_default_p0"] = curve_fit_single(X, y, [1.0] * 5)
     res["curve_fit_sensible_p0"] = curve_fit_single(X, y, [2.0, 400.0, 400.0, 0.3, 0.3])
 
-    t0 = time.perf_counter()
-    boot = bootstrap(ours, X, y, num_boot=nboot, seed=0, n_jobs=jobs)
-    res["bootstrap"] = {"num_boot": nboot, "seconds": time.perf_counter() - t0, "ci": boot.ci}
+    boot, seconds = timed(bootstrap, ours, X, y, num_boot=nboot, seed=0, n_jobs=jobs)
+    res["bootstrap"] = {"num_boot": nboot, "seconds": seconds, "ci": boot.ci}
     print(f"bootstrap: {res['bootstrap']['seconds']:.2f}s", file=sys.stderr)
     # Besiroglu et al.'s variant: the five highest-loss points dropped.
     keep = np.argsort(-y)[5:]
@@ -201,39 +205,38 @@ def main(argv=None) -> int:
     # ---- table --------------------------------------------------------------------------
     o, c0, c1 = res["ours"], res["curve_fit_default_p0"], res["curve_fit_sensible_p0"]
     print(f"\nScaling-law fit benchmark: {res['num_points']} points ({source}), {jobs} processes")
-    print(f"{'method':<44} {'seconds':>9} {'Huber objective':>16}")
-    print(
-        f"{'ours: ' + res['grid'] + ' grid, batched L-BFGS + polish':<44} {o['seconds']:>9.2f} {o['objective']:>16.6g}"
-    )
+    rows = [[f"ours: {res['grid']} grid, batched L-BFGS + polish", o["seconds"], o["objective"]]]
     if "scipy_engine" in res:
         s = res["scipy_engine"]
-        print(
-            f"{'ours: same grid, one scipy L-BFGS-B per start':<44} {s['seconds']:>9.2f} {s['objective']:>16.6g}"
-        )
+        rows.append(["ours: same grid, one scipy L-BFGS-B per start", s["seconds"], s["objective"]])
+    rows += [
+        ["curve_fit, single start p0 = ones", c0["seconds"], c0["objective"]],
+        ["curve_fit, single start p0 = sensible", c1["seconds"], c1["objective"]],
+        [f"bootstrap, {nboot} refits", res["bootstrap"]["seconds"], None],
+    ]
+    print(table(["method", "seconds", "Huber objective"], rows,
+                formats={"seconds": ".3f", "Huber objective": ".6g"}))
+    ratios = {
+        "ours_over_curve_fit_time": ratio(o["seconds"], c1["seconds"]),
+        "curve_fit_sensible_over_ours_objective": ratio(c1["objective"], o["objective"]),
+        "curve_fit_ones_over_ours_objective": ratio(c0["objective"], o["objective"]),
+    }
     print(
-        f"{'curve_fit, single start p0 = ones':<44} {c0['seconds']:>9.3f} {c0['objective']:>16.6g}"
-    )
-    print(
-        f"{'curve_fit, single start p0 = sensible':<44} {c1['seconds']:>9.3f} {c1['objective']:>16.6g}"
-    )
-    print(f"{f'bootstrap, {nboot} refits':<44} {res['bootstrap']['seconds']:>9.2f}")
-    print(
-        "\nratios: ours / curve_fit time "
-        f"{o['seconds'] / c1['seconds']:.0f}x; curve_fit(sensible) / ours objective {c1['objective'] / o['objective']:.2f}x; "
-        f"curve_fit(ones) / ours objective {c0['objective'] / o['objective']:.3g}x"
+        f"\nratios: ours / curve_fit time {fmt_ratio(ratios['ours_over_curve_fit_time'], '.0f')}; "
+        f"curve_fit(sensible) / ours objective {fmt_ratio(ratios['curve_fit_sensible_over_ours_objective'])}; "
+        f"curve_fit(ones) / ours objective {fmt_ratio(ratios['curve_fit_ones_over_ours_objective'], '.3g')}"
     )
     if "scipy_engine" in res:
-        print(
-            f"        scipy-engine / batched time {res['scipy_engine']['seconds'] / o['seconds']:.1f}x"
-        )
-    fit_ok = o["seconds"] < 5.0
-    scale = 1000 / nboot
-    boot_ok = res["bootstrap"]["seconds"] * scale < 60.0
-    print(f"goal fit < 5 s: {'PASS' if fit_ok else 'MISS'} ({o['seconds']:.2f}s)")
-    print(
-        f"goal 1000 bootstrap refits < 60 s: {'PASS' if boot_ok else 'MISS'} "
-        f"({res['bootstrap']['seconds'] * scale:.1f}s{' extrapolated' if nboot != 1000 else ''})"
-    )
+        ratios["scipy_engine_over_batched_time"] = ratio(res["scipy_engine"]["seconds"], o["seconds"])
+        print(f"        scipy-engine / batched time {fmt_ratio(ratios['scipy_engine_over_batched_time'], '.1f')}")
+    res["ratios"] = ratios
+    goals = [
+        Goal("fit", "fit < 5 s", o["seconds"], 5.0, "<", unit="s"),
+        Goal("bootstrap", "1000 bootstrap refits < 60 s", res["bootstrap"]["seconds"] * 1000 / nboot, 60.0,
+             "<", unit="s", note=f"extrapolated from {nboot}" if nboot != 1000 else ""),
+    ]
+    res["goals"] = {goal.key: goal.as_json() for goal in goals}
+    print(render_goals(goals))
     print("\nfitted parameters, 95% bootstrap CIs")
     for title, params, ci in (
         ("all points", o["params"], res["bootstrap"]["ci"]),
@@ -251,7 +254,7 @@ def main(argv=None) -> int:
         )
         print("  " + ", ".join(f"{k} {v['spearman']:.3f}" for k, v in r["targets"].items()))
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2, default=float))
+        write_json(args.json, res)
     return 0
 
 

@@ -32,9 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,9 +39,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench_harness import (
+    DEFAULT_CACHE,
+    REPO,
+    Goal,
+    children_usage,
+    machine,
+    summarize,
+    table,
+    timed,
+    write_json,
+)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -90,15 +95,16 @@ class StepTimer(pl.Callback):
 def run_pipeline(overrides: list[str], warmup: int, workdir: Path) -> StepTimer:
     """`pipeline.train.train` with a StepTimer added to its callbacks."""
     import pipeline.train as entry
+    import pipeline.training.assemble as assemble  # build_trainer takes its callbacks from here
 
     timer = StepTimer(warmup)
-    build = entry.build_callbacks
-    entry.build_callbacks = lambda *args, **kwargs: [*build(*args, **kwargs), timer]
+    build = assemble.build_callbacks
+    assemble.build_callbacks = lambda *args, **kwargs: [*build(*args, **kwargs), timer]
     try:
         out = Path(tempfile.mkdtemp(dir=workdir))
         entry.train(compose([*overrides, f"output_dir={out}"]))
     finally:
-        entry.build_callbacks = build
+        assemble.build_callbacks = build
         if "wandb" in sys.modules:
             sys.modules["wandb"].finish()  # the next repeat gets a fresh run, not this one
     assert timer.started is not None and timer.finished is not None, "the timed window never closed"
@@ -120,14 +126,11 @@ def pipeline_batches(overrides: list[str], steps: int) -> tuple[Any, list[list[d
 
 def run_bare(parts, batches: list[list[dict]], warmup: int) -> dict[str, Any]:
     """The same model, batches and optimizer in a plain loop; timed after `warmup` steps."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    from pipeline.config.models import build_model
 
     cfg, corpus, tokenizer, datamodule = parts
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # as train() does before building the model
-    model = instantiate(cfg.model, vocab_size=tokenizer.vocab_size, sources=datamodule.sources,
-                        total_steps=cfg.run.total_steps, loss=OmegaConf.to_container(cfg.loss, resolve=True),
-                        source_kinds=[corpus.kind(n) for n in datamodule.sources], _convert_="all")
+    model = build_model(cfg, datamodule, corpus, tokenizer)  # as train() builds it
     model.train()
     configured = model.configure_optimizers()
     optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
@@ -162,17 +165,14 @@ def run_demo(workdir: Path) -> dict[str, Any]:
     out = workdir / "demo"
     command = [sys.executable, "-m", "pipeline.train", "experiment=demo", f"output_dir={out}",
                f"hydra.run.dir={out / 'hydra'}", "trainer.enable_progress_bar=false"]
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - started
+    result, wall = timed(subprocess.run, command, cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"the demo failed:\n{result.stderr[-4000:]}")
     # The demo is this process's first child, so the children's high-water mark is its own
     # (or that of a helper it started and waited for, whichever is larger).
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    usage = children_usage()
     record = json.loads((out / "results.json").read_text())
-    # CPU seconds (user + system) barely move with other load on a shared machine; wall does.
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
+    return {"wall_s": wall, "cpu_s": usage["cpu_s"], "peak_rss_mib": usage["peak_rss_mib"],
             "steps": record["global_steps"],
             "train_wall_s": record["wall_time_s"], "status": record["status"]}
 
@@ -191,9 +191,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
-                               "torch": torch.__version__, "cpus": os.cpu_count(), "args": vars(args) | {
-                                   "json": str(args.json) if args.json else None}}
+    results: dict[str, Any] = {"machine": machine(torch=torch.__version__), "args": vars(args)}
     if args.demo:
         print("timing the demo (python -m pipeline.train experiment=demo) ...", file=sys.stderr)
         results["demo"] = run_demo(workdir)
@@ -202,7 +200,7 @@ def main() -> None:
     total = args.warmup + args.steps
     overrides = ["experiment=demo", f"run.total_steps={total}", f"logger={args.logger}", "progress=false",
                  "trainer.enable_progress_bar=false", "evaluation.every_n_steps=null",
-                 f"checkpoint.every_n_steps={total}", f"cache_dir={REPO / '.cache' / 'mixpipe'}", *args.set]
+                 f"checkpoint.every_n_steps={total}", f"cache_dir={DEFAULT_CACHE}", *args.set]
     parts, batches = pipeline_batches(overrides, total)
     pipeline_rates, bare_rates, ratios = [], [], []
     for repeat in range(args.repeats):
@@ -220,18 +218,22 @@ def main() -> None:
               f"tok/s, bare/pipeline {ratios[-1]:.3f}, max |loss difference| {difference:.2e}", file=sys.stderr)
         results.setdefault("loss_max_abs_difference", []).append(difference)
 
-    overhead = statistics.median(ratios) - 1
+    pipeline_stats, bare_stats = summarize(pipeline_rates), summarize(bare_rates)
+    overhead = summarize(ratios).median - 1
+    goal = Goal("overhead", "pipeline overhead < 10%", overhead, 0.10, "<")
     results |= {"tokens_per_repeat": bare["tokens"], "pipeline_tokens_per_s": pipeline_rates,
                 "bare_tokens_per_s": bare_rates, "bare_over_pipeline": ratios,
-                "median_pipeline_tokens_per_s": statistics.median(pipeline_rates),
-                "median_bare_tokens_per_s": statistics.median(bare_rates),
-                "median_overhead": overhead, "goal_overhead": 0.10, "pass": overhead < 0.10}
-    print(f"\n{'':28} {'median tok/s':>13} {'min':>10} {'max':>10}")
-    for name, rates in (("pipeline (train entry)", pipeline_rates), ("bare PyTorch loop", bare_rates)):
-        print(f"{name:28} {statistics.median(rates):13,.0f} {min(rates):10,.0f} {max(rates):10,.0f}")
+                "median_pipeline_tokens_per_s": pipeline_stats.median,
+                "median_bare_tokens_per_s": bare_stats.median,
+                "median_overhead": overhead, "goal_overhead": goal.target, "pass": goal.passed,
+                "goals": {goal.key: goal.as_json()}}
+    print()
+    print(table(["loop", "median tok/s", "min", "max"],
+                [[name, stats.median, stats.min, stats.max]
+                 for name, stats in (("pipeline (train entry)", pipeline_stats), ("bare PyTorch loop", bare_stats))],
+                formats=dict.fromkeys(("median tok/s", "min", "max"), ",.0f")))
     print(f"pipeline overhead (median of per-repeat bare/pipeline - 1): {overhead:+.1%} "
-          f"(goal < 10%: {'PASS' if overhead < 0.10 else 'MISS'}); per repeat: "
-          + ", ".join(f"{r - 1:+.1%}" for r in ratios))
+          f"(goal < 10%: {goal.verdict}); per repeat: " + ", ".join(f"{r - 1:+.1%}" for r in ratios))
     print(f"same work: max |per-step loss difference| {max(results['loss_max_abs_difference']):.2e} "
           f"over {total} steps, {bare['tokens']:,} timed target tokens per repeat")
     if "demo" in results:
@@ -239,7 +241,7 @@ def main() -> None:
         print(f"demo (python -m pipeline.train experiment=demo, {demo['steps']} steps): wall {demo['wall_s']:.0f} s "
               f"(train() {demo['train_wall_s']:.0f} s), CPU {demo['cpu_s']:.0f} s, peak RSS {demo['peak_rss_mib']:.0f} MiB")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,10 @@ a summary JSON is written to <output>/summary.json.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
+from bench_harness import DEFAULT_CACHE, REPO, dumps, summarize, table, timed, write_json
 
 METRICS = ("val/bias/representation/ring", "val/bias/representation_max", "val/bias/association/ring",
            "val/bias/association_max", "val/retrieval/i2t_R@1", "val/retrieval/i2t_R@5",
@@ -73,7 +69,7 @@ def main() -> None:
     parser.add_argument("--solver", default="exact", choices=["exact", "streaming"])
     parser.add_argument("--mode", default="subsample", choices=["subsample", "weights"])
     parser.add_argument("--output", type=Path, default=REPO / "outputs" / "m4_end_to_end")
-    parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "mixpipe"))
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both arms")
     args = parser.parse_args()
 
@@ -90,29 +86,29 @@ def main() -> None:
                            "logger=csv", "progress=false", "trainer.enable_progress_bar=false",
                            f"output_dir={out}", f"cache_dir={args.cache_dir}", *extra, *args.overrides])
             stats = data_statistics(cfg)
-            started = time.time()
-            record = train(cfg)
-            row = {"seed": seed, "wall_s": time.time() - started, "data": stats,
+            record, wall = timed(train, cfg)
+            row = {"seed": seed, "wall_s": wall, "data": stats,
                    **{m: record["metrics"].get(m, float("nan")) for m in METRICS}}
             rows[arm].append(row)
-            print(json.dumps({"arm": arm, **row}), flush=True)
+            print(dumps({"arm": arm, **row}), flush=True)
     summary = {"command": " ".join(sys.argv), "steps": args.steps, "seeds": args.seeds, "eta": args.eta,
                "solver": args.solver, "mode": args.mode, "runs": rows}
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    write_json(args.output / "summary.json", summary)
 
     def median(arm, key, data=False):
-        values = [r["data"][key] if data else r[key] for r in rows[arm]]
-        return statistics.median(values)
+        return summarize(r["data"][key] if data else r[key] for r in rows[arm]).median
 
-    print(f"\n| quantity (median over seeds {args.seeds}) | no M4 | M4 (eta {args.eta}, {args.mode}) | M4 - none |")
-    print("|---|---|---|---|")
+    table_rows = []
     for key in ("max_abs_representation", "max_abs_association", "kept_fraction"):
         a, b = median("none", key, True), median("m4", key, True)
-        print(f"| data: {key} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
+        table_rows.append([f"data: {key}", a, b, b - a])
     for key in METRICS:
         a, b = median("none", key), median("m4", key)
-        print(f"| model: {key} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
+        table_rows.append([f"model: {key}", a, b, b - a])
+    m4_column = f"M4 (eta {args.eta}, {args.mode})"
+    print()
+    print(table([f"quantity (median over seeds {args.seeds})", "no M4", m4_column, "M4 - none"], table_rows,
+                formats={"no M4": ".4f", m4_column: ".4f", "M4 - none": "+.4f"}, markdown=True))
 
 
 if __name__ == "__main__":
