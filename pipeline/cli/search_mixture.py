@@ -60,7 +60,14 @@ from pipeline.mixing.temperature import temperature_probs
 from pipeline.mixing.unimax import unimax_allocation
 from pipeline.prepare import prepare
 from pipeline.scaling.mixture import optimise_mixture
-from pipeline.scaling.regmix import MODELS, compare_models, fit_model, held_out_split
+from pipeline.scaling.regmix import (
+    MODELS,
+    compare_models,
+    cross_validate,
+    fit_model,
+    held_out_split,
+    with_max_increase,
+)
 from pipeline.storage.atomic import atomic_write, atomic_write_json
 
 PREFIX = "search_"
@@ -188,17 +195,24 @@ def markdown_report(report: dict[str, Any]) -> str:
              f"{report['num_completed']} of {report['num_mixtures']} proxies completed; fit on "
              f"{report['num_completed'] - report['num_held_out']}, scored on {report['num_held_out']} held out. "
              f"Objective: sum of {', '.join(f'{v:g} x L[{d}]' for d, v in report['objective'].items())}.", "",
-             "## Fits on held-out proxies", "",
-             "| model | rmse (log) | MAPE | Spearman (all targets) | Spearman (objective) |",
-             "|---|---|---|---|---|"]
+             "## Fits", "",
+             f"Held out: {report['num_held_out']} proxies (fitted on the others). Leave-one-out: each of the "
+             f"{report['num_completed']} proxies predicted by a fit on the others; the model is chosen there.", "",
+             "| model | held-out rmse (log) | held-out Spearman | LOO rmse (log) | LOO MAPE | LOO Spearman "
+             "(objective) | LOO Spearman per domain |",
+             "|---|---|---|---|---|---|---|"]
     for model, info in report["fits"].items():
-        if "errors" not in info:
-            lines.append(f"| {model} | not fitted: {info.get('error')} | | | |")
-            continue
-        e, o = info["errors"], info["objective_errors"]
+        cv = report["leave_one_out"].get(model, {})
         mark = " (chosen)" if model == report["model"] else ""
-        lines.append(f"| {model}{mark} | {e['rmse_log']:.4f} | {e['mape']:.4f} | {_num(e['spearman'])} | "
-                     f"{_num(o['spearman'])} |")
+        held = (f"{info['errors']['rmse_log']:.4f} | {_num(info['errors']['spearman'])}" if "errors" in info
+                else f"not fitted: {info.get('error')} | -")
+        if "errors" in cv:
+            per_domain = ", ".join(f"{d} {_num(r)}" for d, r in zip(domains, cv["spearman"], strict=True))
+            loo = (f"{cv['errors']['rmse_log']:.4f} | {cv['errors']['mape']:.4f} | "
+                   f"{_num(cv['objective_errors']['spearman'])} | {per_domain}")
+        else:
+            loo = f"not fitted: {cv.get('error')} | - | - | -"
+        lines.append(f"| {model}{mark} | {held} | {loo} |")
     lines += ["", f"## Predicted vs observed, held-out proxies ({report['model']})", "",
               "| proxy | " + " | ".join(f"{d} pred | {d} obs" for d in domains) + " |",
               "|---|" + "---|---|" * len(domains)]
@@ -213,6 +227,10 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines.append(f"| {d} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
     predicted = report["predicted_objective"]
     lines.append("| predicted objective | " + " | ".join(_num(predicted.get(c)) for c in columns) + " |")
+    increase = report["chosen"]["increase_over_tau1"]
+    lines += ["", "Predicted loss of the chosen mixture minus that at tau = 1, per domain: "
+              + ", ".join(f"{d} {v:+.4f}" for d, v in increase.items())
+              + ("" if report["max_increase"] is None else f" (asked: at most +{report['max_increase']:g})") + "."]
     lines += ["", "Train with it:", "", "```bash", report["train_command"], "```", ""]
     return "\n".join(lines)
 
@@ -330,7 +348,10 @@ def search(args: argparse.Namespace) -> int:
     # 5. fits compared on held-out proxies, the best refitted on all
     held_out = held_out_split(len(done), args.held_out, args.seed)
     fits = compare_models(R, Y, list(domains), held_out, target_weights=v, models=args.models)
-    scored = {m: f for m, f in fits.items() if "errors" in f}
+    # Leave-one-out over every proxy: K out-of-sample predictions per model instead of
+    # `--held-out`; the model with the lowest pooled log RMSE there is chosen.
+    loo = {m: cross_validate(R, Y, list(domains), m, target_weights=v) for m in args.models}
+    scored = {m: f for m, f in loo.items() if "errors" in f} or {m: f for m, f in fits.items() if "errors" in f}
     if not scored:
         print("error: no model could be fitted: " + "; ".join(f"{m}: {f['error']}" for m, f in fits.items()),
               file=sys.stderr)
@@ -338,14 +359,22 @@ def search(args: argparse.Namespace) -> int:
     model = min(scored, key=lambda m: scored[m]["errors"]["rmse_log"])
     loss_fn = fit_model(model, R, Y, list(domains))
 
-    # 6. optimise under the epoch caps
+    # 6. optimise under the epoch caps (and, with --max-increase, near proportional sampling)
     caps = np.ones(len(domains))
     if args.max_epochs:
         caps = np.minimum(caps, epoch_caps(np.array(list(domain_sizes.values())), budget, args.max_epochs))
     if args.caps == "observed":  # stay where the proxies were: the fits do not extrapolate
         observed = np.minimum(caps, R.max(axis=0))
         caps = observed if observed.sum() >= 1.0 else caps
-    result = optimise_mixture(loss_fn, len(domains), target_weights=v, caps=caps, seed=args.seed)
+    base = baselines(sizes, domains, budget, args.max_epochs)
+    reference = np.asarray(loss_fn(np.array([base["tau=1"][d] for d in domains])), dtype=float)
+    if args.max_increase is None:
+        result = optimise_mixture(loss_fn, len(domains), target_weights=v, caps=caps, seed=args.seed)
+    else:
+        constrained = with_max_increase(loss_fn, reference, args.max_increase)
+        result = optimise_mixture(constrained, len(domains), target_weights=np.append(v, 1.0), caps=caps,
+                                  seed=args.seed)
+    predicted_losses = np.asarray(loss_fn(result.r), dtype=float)
     chosen = dict(zip(domains, result.r.tolist(), strict=True))
 
     # 7. outputs
@@ -354,7 +383,6 @@ def search(args: argparse.Namespace) -> int:
                "\ntrain with the same data overrides as the search: " + " ".join(overrides))
     mixture_path = out / "conf" / "mixture" / f"{args.name}.yaml"
     write_if_changed(mixture_path, mixture_yaml(expand_to_sources(chosen, domains, sizes), comment))
-    base = baselines(sizes, domains, budget, args.max_epochs)
     predicted = {"chosen": float(v @ np.asarray(loss_fn(result.r)))}
     for label, probs in base.items():
         predicted[label] = float(v @ np.asarray(loss_fn(np.array([probs[d] for d in domains]))))
@@ -366,14 +394,17 @@ def search(args: argparse.Namespace) -> int:
         "num_mixtures": len(mixtures), "num_completed": len(done), "num_held_out": int(held_out.sum()),
         "domains": domains, "objective": dict(zip(domains, v.tolist(), strict=True)), "model": model,
         "fits": {m: {k: f[k] for k in ("errors", "objective_errors", "error") if k in f} for m, f in fits.items()},
+        "leave_one_out": {m: {k: f[k] for k in ("errors", "objective_errors", "spearman", "error") if k in f}
+                          for m, f in loo.items()},
         "held_out": [{"proxy": n, "mixture": mixtures[n],
                       "predicted": dict(zip(domains, fits[model]["pred"][i].tolist(), strict=True)),
                       "observed": losses[n]} for i, n in enumerate(held)],
         "chosen": {"domain_probs": chosen, "source_probs": expand_to_sources(chosen, domains, sizes),
-                   "predicted_losses": dict(zip(domains, result.losses.tolist(), strict=True)),
+                   "predicted_losses": dict(zip(domains, predicted_losses.tolist(), strict=True)),
+                   "increase_over_tau1": dict(zip(domains, (predicted_losses - reference).tolist(), strict=True)),
                    "at_cap": [list(domains)[j] for j in result.at_cap], "violation": result.violation},
         "baselines": base, "predicted_objective": predicted, "budget": budget, "max_epochs": args.max_epochs,
-        "caps": dict(zip(domains, caps.tolist(), strict=True)),
+        "caps": dict(zip(domains, caps.tolist(), strict=True)), "max_increase": args.max_increase,
         "proxies": {n: {"mixture": mixtures[n], "losses": losses.get(n)} for n in mixtures},
     }
     atomic_write_json(out / "report.json", _finite(report), indent=2)
@@ -403,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--held-out", type=int, default=3, help="proxies held out to score the fits (default 3)")
     parser.add_argument("--objective", action="append", default=[], metavar="DOMAIN=WEIGHT",
                         help="weight of a domain's validation loss in the objective (default 1 each)")
+    parser.add_argument("--max-increase", type=float, default=None, metavar="NATS",
+                        help="no domain's predicted loss above its prediction at tau = 1 by more than this")
     parser.add_argument("--models", default=",".join(MODELS), help=f"fits to compare (default {','.join(MODELS)})")
     parser.add_argument("--caps", choices=("observed", "none"), default="observed",
                         help="observed (default): no domain above its largest share in a proxy; "

@@ -27,7 +27,8 @@ from pipeline.scaling.laws import MixingLaw
 from pipeline.scaling.mixture import mixing_loss_fn
 from pipeline.scaling.validation import errors
 
-__all__ = ["MODELS", "LinearMixtureModel", "compare_models", "fit_linear", "fit_model", "held_out_split"]
+__all__ = ["MODELS", "LinearMixtureModel", "compare_models", "cross_validate", "fit_linear", "fit_model",
+           "held_out_split", "with_max_increase"]
 
 MODELS = ("mixing_law", "linear", "log_linear")
 
@@ -128,3 +129,45 @@ def compare_models(R: np.ndarray, Y: np.ndarray, domains: Sequence[str], held_ou
         out[kind] = {"pred": pred, "errors": errors(pred.ravel(), obs.ravel()),
                      "objective_errors": errors(pred @ v, obs @ v)}
     return out
+
+
+def cross_validate(R: np.ndarray, Y: np.ndarray, domains: Sequence[str], kind: str,
+                   target_weights: Sequence[float] | None = None, grid_size: int = 4) -> dict:
+    """Leave-one-out: each proxy predicted by the model fitted on the K - 1 others.
+
+    Returns:
+        {"pred": (K, T) out-of-sample predictions, "errors": pooled `errors`,
+        "objective_errors": `errors` of ``sum_t v_t L_t``, "spearman": [per target, across
+        proxies]}; {"error": reason} when the model cannot be fitted on K - 1 proxies.
+    """
+    R, Y = _check(R, Y)
+    v = np.ones(Y.shape[1]) if target_weights is None else np.asarray(target_weights, dtype=float)
+    pred = np.empty_like(Y)
+    for k in range(len(R)):
+        keep = np.arange(len(R)) != k
+        try:
+            loss_fn = fit_model(kind, R[keep], Y[keep], domains, grid_size=grid_size)
+        except ValueError as error:
+            return {"error": str(error)}
+        pred[k] = np.asarray(loss_fn(R[k]), dtype=float)
+    if np.any(pred <= 0) or not np.all(np.isfinite(pred)):
+        return {"error": "non-positive or non-finite out-of-sample predictions", "pred": pred}
+    return {"pred": pred, "errors": errors(pred.ravel(), Y.ravel()), "objective_errors": errors(pred @ v, Y @ v),
+            "spearman": [errors(pred[:, t], Y[:, t])["spearman"] for t in range(Y.shape[1])]}
+
+
+def with_max_increase(loss_fn: Callable[[np.ndarray], np.ndarray], reference: np.ndarray, slack: float,
+                      penalty: float = 1e4) -> Callable[[np.ndarray], np.ndarray]:
+    """``loss_fn`` with one more output, ``penalty * sum_t max(0, L_t(r) - reference_t - slack)^2``:
+    give it weight 1 in `optimise_mixture` to ask that no target gets worse than its
+    reference (e.g. the prediction at proportional sampling) by more than `slack`."""
+    reference = np.asarray(reference, dtype=float)
+    if not np.isfinite(slack) or slack < 0:
+        raise ValueError(f"slack must be a finite number >= 0, got {slack!r}")
+
+    def loss(r):
+        values = np.asarray(loss_fn(r), dtype=float)
+        excess = np.maximum(values - reference - slack, 0.0)
+        return np.append(values, penalty * float(excess @ excess))
+
+    return loss

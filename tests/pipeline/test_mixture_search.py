@@ -30,7 +30,16 @@ from pipeline.mixing.search import (
     prior_probs,
 )
 from pipeline.mixing.temperature import temperature_probs
-from pipeline.scaling.regmix import MODELS, compare_models, fit_linear, fit_model, held_out_split
+from pipeline.scaling.mixture import optimise_mixture
+from pipeline.scaling.regmix import (
+    MODELS,
+    compare_models,
+    cross_validate,
+    fit_linear,
+    fit_model,
+    held_out_split,
+    with_max_increase,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = {"big": 10_000.0, "mid": 1_000.0, "small": 50.0, "tiny": 10.0}
@@ -140,6 +149,33 @@ def test_fits_recover_their_own_law_and_are_scored_on_held_out_proxies():
     assert "needs K >= 4" in few["mixing_law"]["error"] and "errors" in few["linear"]
 
 
+def test_leave_one_out_predicts_every_proxy_from_the_others():
+    rng = np.random.default_rng(1)
+    R = rng.dirichlet(np.ones(3), 12)
+    t = np.array([[0.2, -1.5, 0.5], [-1.0, 0.8, 0.1]])
+    Y = 2.0 + np.exp(R @ t.T)
+    cv = cross_validate(R, Y, ["a", "b", "c"], "mixing_law", target_weights=[1.0, 2.0])
+    assert cv["pred"].shape == (12, 2) and cv["errors"]["num_points"] == 24
+    assert cv["errors"]["rmse_log"] < 1e-3 and min(cv["spearman"]) > 0.99
+    assert cv["objective_errors"]["spearman"] > 0.99
+    assert "needs K >= 4" in cross_validate(R[:4], Y[:4], ["a", "b", "c"], "mixing_law")["error"]
+
+
+def test_max_increase_keeps_every_target_near_its_reference():
+    # two targets that pull the mixture to opposite corners; the reference is the middle
+    def loss(r):
+        return np.array([3.0 - r[0], 3.0 - 0.5 * r[1]])
+
+    free = optimise_mixture(loss, 2, seed=0)
+    assert free.r[0] == pytest.approx(1.0, abs=1e-6)  # target 1 gains 1, target 2 loses 0.25
+    reference = loss(np.array([0.5, 0.5]))
+    bounded = optimise_mixture(with_max_increase(loss, reference, 0.1), 2, target_weights=[1.0, 1.0, 1.0], seed=0)
+    increase = loss(bounded.r) - reference
+    assert increase.max() <= 0.1 + 1e-3 and bounded.r[0] == pytest.approx(0.7, abs=1e-2)
+    with pytest.raises(ValueError, match=r"slack must be a finite number >= 0, got -1"):
+        with_max_increase(loss, reference, -1)
+
+
 # -- the loop, end to end on the demo corpus ---------------------------------------------------
 
 K, GROUPS = 8, ("high=eng,rus,deu", "low=san,haw,cor")
@@ -186,6 +222,9 @@ def test_search_draws_trains_collects_fits_and_writes_a_mixture(searched):
     assert report["model"] in MODELS
     for model in MODELS:
         assert set(report["fits"][model]["errors"]) >= {"rmse_log", "mape", "spearman"}
+        assert len(report["leave_one_out"][model]["spearman"]) == 3  # one per domain, over the K proxies
+    chosen_by = {m: report["leave_one_out"][m]["errors"]["rmse_log"] for m in MODELS}
+    assert report["model"] == min(chosen_by, key=chosen_by.get)
     chosen = report["chosen"]["domain_probs"]
     assert sum(chosen.values()) == pytest.approx(1.0)
     assert all(chosen[d] <= report["caps"][d] + 1e-6 for d in chosen)
@@ -194,6 +233,7 @@ def test_search_draws_trains_collects_fits_and_writes_a_mixture(searched):
     assert len(report["chosen"]["source_probs"]) == 37
     text = (out / "report.md").read_text()
     assert "| mixing_law" in text and "| linear" in text and "predicted objective" in text
+    assert "LOO Spearman per domain" in text and "minus that at tau = 1" in text
     assert (out / "proxies.csv").is_file() and (out / "conf" / "mixture" / "searched.yaml").is_file()
 
 
@@ -231,10 +271,12 @@ def test_a_rerun_trains_only_the_missing_proxies(searched):
     assert {n for n in after if after[n] != mtimes.get(n)} == {"search_002", "search_005"}
     assert drawn == {p.name: p.stat().st_mtime_ns for p in (out / "conf" / "mixture").glob("search_*.yaml")}
     assert list((out / "stale").iterdir())[0].name.startswith("search_002-")
-    # nothing left to train: a third run trains nothing
-    code, output = run_search(out, cache, "--objective", "low=3")
+    # nothing left to train: a third run trains nothing, and refits for another objective
+    code, output = run_search(out, cache, "--objective", "low=3", "--max-increase", "0.05")
     assert code == 0 and "training" not in output.replace("trains", "")
-    assert json.loads((out / "report.json").read_text())["objective"] == {"high": 1.0, "low": 3.0, "rest": 1.0}
+    report = json.loads((out / "report.json").read_text())
+    assert report["objective"] == {"high": 1.0, "low": 3.0, "rest": 1.0} and report["max_increase"] == 0.05
+    assert max(report["chosen"]["increase_over_tau1"].values()) <= 0.05 + 1e-3
     # another seed in the same folder is refused, naming the setting
     code, output = run_search(out, cache, "--seed", "1")
     assert code == 2 and "other settings (seed" in output
