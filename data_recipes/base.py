@@ -18,13 +18,15 @@ Record schema:
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
+from typing import IO, Any, Literal, Protocol, runtime_checkable
 
 Kind = Literal["mono", "parallel", "image_text"]
 KINDS: tuple[str, ...] = ("mono", "parallel", "image_text")
@@ -119,18 +121,162 @@ def validate_source_name(name: str) -> str:
     return name
 
 
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
+# -- inputs by URL ---------------------------------------------------------------------------
+# A recipe's `path` may be a local path or an fsspec URL (``s3://bucket/corpus``,
+# ``gs://...``, ``file:///data/corpus``, ``memory://corpus``): `as_path` turns a URL into an
+# `FsPath`, which has the few pathlib methods the recipes use, so one code path reads both.
+# Local paths stay `pathlib.Path` (same fingerprints and behaviour as before). The protocol's
+# fsspec implementation must be installed (s3fs, gcsfs, ...); `file` and `memory` come with
+# fsspec itself.
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def is_url(path: Any) -> bool:
+    """True for ``<protocol>://...`` strings (fsspec URLs)."""
+    return isinstance(path, str) and bool(_URL_RE.match(path))
+
+
+class FsPath:
+    """A file or folder on an fsspec file system, with the pathlib methods recipes use.
+
+    ``str()`` gives the URL, so error messages name what the user typed.
+    """
+
+    def __init__(self, url: str | None = None, *, fs: Any = None, path: str | None = None) -> None:
+        if fs is None:
+            import fsspec
+
+            try:
+                fs, path = fsspec.core.url_to_fs(url)
+            except (ImportError, ValueError) as err:  # unknown protocol or its package missing
+                raise ValueError(f"cannot open {url!r}: {err}") from err
+        self.fs = fs
+        self.path = str(path).rstrip("/") or "/"
+
+    def _child(self, path: str) -> FsPath:
+        return FsPath(fs=self.fs, path=path)
+
+    @property
+    def url(self) -> str:
+        return str(self.fs.unstrip_protocol(self.path))
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"FsPath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FsPath) and (self.url, self.path) == (other.url, other.path)
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __lt__(self, other: FsPath) -> bool:
+        return self.path < other.path
+
+    def __truediv__(self, name: str) -> FsPath:
+        return self._child(posixpath.join(self.path, str(name)))
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.path).name
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.path).stem
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.path).suffix
+
+    @property
+    def parent(self) -> FsPath:
+        return self._child(posixpath.dirname(self.path) or "/")
+
+    def exists(self) -> bool:
+        return bool(self.fs.exists(self.path))
+
+    def is_file(self) -> bool:
+        return bool(self.fs.isfile(self.path))
+
+    def is_dir(self) -> bool:
+        return bool(self.fs.isdir(self.path))
+
+    def iterdir(self) -> Iterator[FsPath]:
+        for entry in sorted(self.fs.ls(self.path, detail=False)):
+            if str(entry).rstrip("/") != self.path:
+                yield self._child(str(entry))
+
+    def glob(self, pattern: str) -> Iterator[FsPath]:
+        for entry in sorted(self.fs.glob(posixpath.join(self.path, pattern))):
+            yield self._child(str(entry))
+
+    def rglob(self, pattern: str) -> Iterator[FsPath]:
+        """Every file below (fsspec's ``find``); only ``"*"`` is supported."""
+        if pattern != "*":
+            raise ValueError(f"FsPath.rglob supports only '*', got {pattern!r}")
+        for entry in sorted(self.fs.find(self.path)):
+            yield self._child(str(entry))
+
+    def relative_to(self, other: FsPath) -> PurePosixPath:
+        return PurePosixPath(self.path).relative_to(other.path)
+
+    def stat(self) -> SimpleNamespace:
+        return SimpleNamespace(st_size=int(self.fs.size(self.path)))
+
+    def open(self, mode: str = "r", encoding: str | None = None) -> IO:
+        if "b" in mode:
+            return self.fs.open(self.path, mode)
+        return self.fs.open(self.path, mode, encoding=encoding or "utf-8")
+
+    def read_bytes(self) -> bytes:
+        with self.open("rb") as handle:
+            return handle.read()
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def local_path(self) -> Path | None:
+        """The plain path when the file system is the local one (``file://``), else None."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        return Path(self.path) if isinstance(self.fs, LocalFileSystem) else None
+
+    def download(self, target: Path) -> Path:
+        """Copy this file (or folder, recursively) to the local `target`; returns `target`."""
+        if self.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            for entry in self.rglob("*"):
+                local = target / entry.relative_to(self)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(entry.path, str(local))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(self.path, str(target))
+        return target
+
+
+def as_path(path: str | Path | FsPath) -> Path | FsPath:
+    """`FsPath` for an fsspec URL (or an FsPath), `pathlib.Path` for anything else."""
+    if isinstance(path, FsPath):
+        return path
+    return FsPath(path) if is_url(path) else Path(path)
+
+
+def sha256_file(path: str | Path | FsPath, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (a local path or an fsspec URL)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with as_path(path).open("rb") as handle:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def require_dir(path: str | Path, what: str = "data directory") -> Path:
-    """Return ``path`` as a Path, or raise ValueError if it is not an existing directory."""
-    path = Path(path)
+def require_dir(path: str | Path | FsPath, what: str = "data directory") -> Path | FsPath:
+    """Return ``path`` as a Path (or an FsPath for a URL), or raise ValueError if it is not an
+    existing directory."""
+    path = as_path(path)
     if not path.exists():
         raise ValueError(f"{what} {str(path)!r} does not exist")
     if not path.is_dir():
@@ -150,9 +296,10 @@ def requested_language_files(root: Path, languages: list[str], file_name) -> lis
     return out
 
 
-def require_file(path: str | Path, what: str = "source file") -> Path:
-    """Return ``path`` as a Path, or raise ValueError if it is missing or empty."""
-    path = Path(path)
+def require_file(path: str | Path | FsPath, what: str = "source file") -> Path | FsPath:
+    """Return ``path`` as a Path (or an FsPath for a URL), or raise ValueError if it is missing
+    or empty."""
+    path = as_path(path)
     if not path.is_file():
         raise ValueError(f"{what} {str(path)!r} does not exist or is not a file")
     if path.stat().st_size == 0:
@@ -160,7 +307,7 @@ def require_file(path: str | Path, what: str = "source file") -> Path:
     return path
 
 
-def read_lines(path: str | Path, limit: int | None = None) -> list[str]:
+def read_lines(path: str | Path | FsPath, limit: int | None = None) -> list[str]:
     """Read a UTF-8 text file as one document per line, dropping blank lines.
 
     Raises:
@@ -169,7 +316,7 @@ def read_lines(path: str | Path, limit: int | None = None) -> list[str]:
     path = require_file(path)
     docs: list[str] = []
     try:
-        with open(path, encoding="utf-8") as handle:
+        with path.open("r", encoding="utf-8") as handle:
             for line in handle:
                 text = line.rstrip("\r\n").strip()
                 if text:

@@ -24,6 +24,7 @@ from typing import Any
 
 from data_recipes.base import (
     SourceRecords,
+    as_path,
     check_positive_int,
     guess_script,
     normalize_languages,
@@ -87,7 +88,9 @@ class HFGeneric:
     """Sources from a local ``datasets`` dataset or data files.
 
     Args:
-        path: a ``save_to_disk`` directory, a data file, or a directory of data files.
+        path: a ``save_to_disk`` directory, a data file, or a directory of data files; a
+            local path or an fsspec URL (``s3://...``, ``memory://...``; copied to a temp
+            folder to be read).
         source_column: column whose value names the source (language or pair).
         text_column: column with the text (the source side for parallel data).
         target_column: optional column with the target side; makes every source parallel.
@@ -117,7 +120,7 @@ class HFGeneric:
         for key, value in (("source_column", source_column), ("text_column", text_column)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{key} must be a non-empty column name, got {value!r}")
-        self.path = Path(path)
+        self.path = as_path(path)  # a local path or an fsspec URL
         self.source_column = source_column
         self.text_column = text_column
         self.target_column = target_column
@@ -196,6 +199,19 @@ class HFGeneric:
             "files": {str(f.relative_to(root)): sha256_file(f) for f in files},
         }
 
+    def _local_inputs(self, fmt: str, files: list, target: Path) -> tuple[Path, list[Path]]:
+        """(dataset path, data files) on the local disk: as given, or for a URL on another
+        file system copied below `target` (a temp folder: datasets reads local files)."""
+        if isinstance(self.path, Path):
+            return self.path, files
+        local = self.path.local_path()
+        if local is not None:
+            return local, [f.local_path() for f in files]
+        if fmt == "disk":
+            return self.path.download(target / self.path.name), []
+        root = self.path if self.path.is_dir() else self.path.parent
+        return target, [f.download(target / f.relative_to(root)) for f in files]
+
     def _columns(self) -> dict[str, list[Any]]:
         import datasets
 
@@ -206,9 +222,10 @@ class HFGeneric:
         # load_dataset writes Arrow files to a cache; keep that cache private and temporary
         # so nothing lands in ~/.cache/huggingface and nothing outlives this call.
         with tempfile.TemporaryDirectory(prefix="mixpipe-hf-") as tmp:
+            local_path, local_files = self._local_inputs(fmt, files, Path(tmp) / "input")
             try:
                 if fmt == "disk":
-                    ds = datasets.load_from_disk(str(self.path))
+                    ds = datasets.load_from_disk(str(local_path))
                     if isinstance(ds, datasets.DatasetDict):
                         if self.split not in ds:
                             raise ValueError(
@@ -219,7 +236,7 @@ class HFGeneric:
                 else:
                     ds = datasets.load_dataset(
                         fmt,
-                        data_files=[str(f) for f in files],
+                        data_files=[str(f) for f in local_files],
                         split=self.split,
                         cache_dir=tmp,
                     )

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from data_recipes.base import (
+    FsPath,
     SourceRecords,
+    as_path,
     check_positive_int,
     guess_script,
     normalize_languages,
@@ -27,7 +29,7 @@ from data_recipes.base import (
 _PAIR_RE = re.compile(r"^([A-Za-z0-9_]+)-([A-Za-z0-9_]+)$")
 
 
-def read_tsv_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
+def read_tsv_pairs(path: str | Path | FsPath, limit: int | None = None) -> list[dict[str, str]]:
     """Read ``src<TAB>tgt`` lines.
 
     Raises:
@@ -37,7 +39,7 @@ def read_tsv_pairs(path: str | Path, limit: int | None = None) -> list[dict[str,
     path = require_file(path)
     records: list[dict[str, str]] = []
     try:
-        with open(path, encoding="utf-8") as handle:
+        with path.open("r", encoding="utf-8") as handle:
             for lineno, line in enumerate(handle, start=1):
                 line = line.rstrip("\r\n")
                 if not line.strip():
@@ -67,7 +69,7 @@ class ParallelTSV:
     """Parallel sources from ``<path>/<xxx>-<tgt_lang>.tsv`` files.
 
     Args:
-        path: the directory.
+        path: the directory: a local path or an fsspec URL (``s3://bucket/parallel``, ``memory://...``).
         languages: optional list of ``xxx`` codes to keep; each must have a file.
         tgt_lang: the target side every file pairs with (default ``eng``).
         max_documents_per_source: optional cap (first N pairs).
@@ -82,7 +84,7 @@ class ParallelTSV:
         max_documents_per_source: int | None = None,
         name: str = "parallel_tsv",
     ) -> None:
-        self.path = Path(path)
+        self.path = as_path(path)  # a local path or an fsspec URL
         self.languages = normalize_languages(languages)
         self.tgt_lang = str(tgt_lang)
         self.max_documents_per_source = check_positive_int(

@@ -15,6 +15,7 @@ from typing import Any
 
 from data_recipes.base import (
     SourceRecords,
+    as_path,
     check_positive_int,
     guess_script,
     normalize_languages,
@@ -32,7 +33,7 @@ class TextDir:
     """Mono sources from ``<path>/<lang>.txt`` files.
 
     Args:
-        path: the directory.
+        path: the directory: a local path or an fsspec URL (``s3://bucket/mono``, ``memory://...``).
         languages: optional list of languages to keep; each must have a file.
         max_documents_per_source: optional cap (first N non-blank lines).
         name: recipe name used in the cache directory name.
@@ -47,7 +48,7 @@ class TextDir:
         max_documents_per_source: int | None = None,
         name: str = "text_dir",
     ) -> None:
-        self.path = Path(path)
+        self.path = as_path(path)  # a local path or an fsspec URL
         self.languages = normalize_languages(languages)
         self.max_documents_per_source = check_positive_int(
             max_documents_per_source, "max_documents_per_source"

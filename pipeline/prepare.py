@@ -5,6 +5,8 @@ Usage::
     python -m pipeline.prepare                         # embedded CLDR corpus, default tokenizer
     python -m pipeline.prepare data=tatoeba_mono data.languages=[eng,deu,swh]
     python -m pipeline.prepare cache_dir=/scratch/mixpipe tokenizer.vocab_size=16000
+    python -m pipeline.prepare prepare.pretokenize=true prepare.workers=4   # token stores, 4 processes
+    python -m pipeline.prepare prepare.pretokenize=true prepare.shard=3 prepare.num_shards=8  # one array task
 
 Everything is cached under ``cache_dir`` by content hash, so a second run only loads.
 Training and the mixture report call :func:`prepare` with their own composed config.
@@ -27,6 +29,7 @@ from pipeline.config import CONFIG_DIR, check_targets
 from pipeline.data.build_corpus import prepare_sources
 from pipeline.data.corpus import PreparedCorpus
 from pipeline.data.token_stats import count_tokens
+from pipeline.data.token_store import DEFAULT_SHARD_DOCUMENTS, build_token_stores
 from pipeline.data.tokenizer import Tokenizer, TokenizerConfig
 from pipeline.data.train_tokenizer import train_tokenizer
 
@@ -112,11 +115,41 @@ def format_table(corpus: PreparedCorpus) -> str:
     return "\n".join(lines)
 
 
+def prepare_options(cfg: Any) -> dict[str, Any]:
+    """``cfg.prepare`` (absent keys take their defaults), checked: a bad value names its key."""
+    options = {"pretokenize": False, "workers": 1, "shard_documents": DEFAULT_SHARD_DOCUMENTS,
+               "shard": None, "num_shards": None}
+    node = OmegaConf.select(cfg, "prepare", default=None) if isinstance(cfg, DictConfig) else None
+    if node is not None:
+        given = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        unknown = sorted(set(given) - set(options))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in cfg.prepare; known: {sorted(options)}")
+        options.update({k: v for k, v in given.items() if v is not None or k in ("shard", "num_shards")})
+    for key in ("workers", "shard_documents"):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"prepare.{key} must be a positive int, got {value!r}")
+    if (options["shard"] is None) != (options["num_shards"] is None):
+        raise ValueError("prepare.shard and prepare.num_shards go together (one task of a job array); got "
+                         f"shard={options['shard']!r}, num_shards={options['num_shards']!r}")
+    if options["shard"] is not None and not options["pretokenize"]:
+        raise ValueError("prepare.shard is a shard of the token stores: set prepare.pretokenize=true too")
+    return options
+
+
 def prepare(cfg: DictConfig, progress: bool | None = None) -> tuple[PreparedCorpus, Tokenizer]:
     """Prepare ``cfg.data``, train/load ``cfg.tokenizer``, attach token counts, log a table.
 
+    With ``prepare.pretokenize``, every source is also tokenised once into a memory-mapped token
+    store (``prepare.workers`` processes; :mod:`pipeline.data.token_store`), set as
+    ``corpus.token_stores``, and the token counts are read from the stores. With
+    ``prepare.shard`` / ``prepare.num_shards`` only that task's share of the stores is encoded
+    (into the shared cache) and nothing is counted or published: a later run without them
+    publishes.
+
     Args:
-        cfg: the composed root config (uses ``data``, ``tokenizer``, ``cache_dir``).
+        cfg: the composed root config (uses ``data``, ``tokenizer``, ``cache_dir``, ``prepare``).
         progress: show progress bars; defaults to ``cfg.progress`` if set, else True.
 
     Returns:
@@ -125,10 +158,21 @@ def prepare(cfg: DictConfig, progress: bool | None = None) -> tuple[PreparedCorp
     if progress is None:
         progress = bool(OmegaConf.select(cfg, "progress", default=True))
     cache_dir = Path(OmegaConf.select(cfg, "cache_dir", default=".cache/mixpipe"))
+    options = prepare_options(cfg)
     recipe = build_recipe(cfg.data)
     tok_config = build_tokenizer_config(OmegaConf.select(cfg, "tokenizer"))
     corpus = prepare_sources(recipe, cache_dir, progress=progress)
     tokenizer = train_tokenizer(corpus, tok_config, cache_dir)
+    if options["pretokenize"]:
+        stores = build_token_stores(corpus, tokenizer.model_file, tokenizer.vocab_size, tokenizer.content_hash,
+                                    workers=options["workers"], shard_documents=options["shard_documents"],
+                                    shard=options["shard"], num_shards=options["num_shards"], progress=progress)
+        if stores is None:  # one task of a job array: its shards are in the cache
+            return corpus, tokenizer
+        corpus.token_stores = stores
+        if corpus.load_token_counts(tokenizer.content_hash) is None:
+            corpus.attach_token_counts({name: s.total_tokens for name, s in stores.items()},
+                                       tokenizer.content_hash)
     if corpus.load_token_counts(tokenizer.content_hash) is None:
         counts = count_tokens(corpus, tokenizer, progress=progress)
         corpus.attach_token_counts(counts, tokenizer.content_hash)

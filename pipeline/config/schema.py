@@ -160,6 +160,15 @@ class TokenizerSchema:  # conf/tokenizer/*.yaml -> pipeline.data.tokenizer.Token
 
 
 @dataclass
+class PrepareSchema:  # conf/config.yaml `prepare:` -> pipeline.prepare.prepare_options
+    pretokenize: bool = MISSING  # tokenise each source once into a token store (pipeline/data/token_store.py)
+    workers: int = MISSING  # processes that encode the token stores on this machine
+    shard_documents: int = MISSING  # documents per work unit (same value for every task and the publish step)
+    shard: Optional[int] = None  # noqa: UP045  (one task of a job array: encode units shard::num_shards)
+    num_shards: Optional[int] = None  # noqa: UP045
+
+
+@dataclass
 class TrainerSchema:
     """Lightning Trainer arguments (conf/trainer/*.yaml). Other Trainer arguments are added
     with `+trainer.<name>=...`, e.g. `+trainer.max_steps=N` to stop this invocation early
@@ -332,6 +341,7 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
 class RootSchema:
     data: Any = MISSING  # keys depend on the recipe's _target_: check_targets()
     tokenizer: TokenizerSchema = MISSING
+    prepare: PrepareSchema = MISSING
     mixture: MixtureSchema = MISSING
     sampler: SamplerSchema = MISSING
     seed: int = MISSING

@@ -228,14 +228,18 @@ def prepare_sources(recipe: Recipe, cache_dir: str | Path, progress: bool = True
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(target.parent)
     tmp = make_temp_dir(target.parent, target.name)
+    began = time.perf_counter()
     try:
         with reraise_disk_full(tmp):
             _build(recipe, fingerprint, digest, tmp, progress)
+        written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         publish_dir(tmp, target)  # another process may have finished the same corpus first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("prepared sources: built %s", target)
+    seconds = max(time.perf_counter() - began, 1e-9)
+    log.info("prepared sources: built %s in %.1f s (%.1f MB written, %.2f MB/s)", target, seconds, written / 1e6,
+             written / 1e6 / seconds)
     return PreparedCorpus.load(target, verify=False)  # checksummed from these very files just now
 
 

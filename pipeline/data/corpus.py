@@ -6,6 +6,7 @@ Layout of one prepared corpus::
         manifest.json
         sources/<source name>/           # datasets.Dataset.save_to_disk
         token_counts-<tokenizer_hash[:16]>.json
+        token_stores-<tokenizer_hash[:16]>/<source>/   # pre-tokenized ids (pipeline/data/token_store.py)
 
 ``content_hash`` is the sha256 of the canonical JSON of the recipe's fingerprint and
 :data:`FORMAT_VERSION`. Corpora are written (and cached by that hash) by
@@ -104,6 +105,9 @@ class PreparedCorpus:
         self._datasets: dict[str, Any] = {}
         self._token_counts: dict[str, int] | None = None
         self._tokenizer_hash: str | None = None
+        # {source: TokenStore} when `prepare.pretokenize` built them (pipeline.prepare sets it;
+        # pipeline.data.token_store.open_token_stores opens them for a tokenizer hash).
+        self.token_stores: dict[str, Any] | None = None
 
     # -- loading and validation -------------------------------------------------------------
     @classmethod

@@ -283,6 +283,12 @@ CCE_BENCHES = ("/tmp/venv-cce/bin/python scripts/bench_kernels.py --threads 1 --
 SEARCH_MIXTURE = (".venv/bin/python scripts/search_mixture.py --out search/demo --num-mixtures 16 "
                   "--group high=eng,rus,deu --group low=san,haw,cor --objective low=2 --max-epochs 4 "
                   "experiment=demo run.total_steps=200 run.global_batch_size=16 logger=none")
+BENCH_LONG_DOCS = ("mkdir -p .cache/long_docs && for f in ../shared/data/tatoeba/mono/*.txt; do for i in $(seq 32); "
+                   "do paste -d' ' - - - - - - - - - - - - - - - - < $f; done > .cache/long_docs/$(basename $f); done")
+BENCH_PREPARE = (".venv/bin/python -m pipeline.prepare data=tatoeba_mono data.path=.cache/long_docs "
+                 "cache_dir=.cache/bench_prepare progress=false")
+BENCH_SMALL = ("data.languages=[eng,afr]", *SMALL_TOKENIZER)
+ARRAY_SMALL = ("progress=false", "data.locales=[de,sw,gv]", *SMALL_TOKENIZER)  # the same for every step
 MIXTURES = ",".join(sorted(p.stem for p in (REPO / "conf" / "mixture").glob("*.yaml")))
 
 COVERAGE: dict[str, Scaled] = {
@@ -333,6 +339,46 @@ COVERAGE: dict[str, Scaled] = {
     ".venv/bin/python -m pipeline.prepare data=tatoeba_mono":
         Scaled(append=("cache_dir={cache}", "progress=false", "data.languages=[eng,afr,tzl]", *SMALL_TOKENIZER),
                check=output_contains("prepared sources"), needs_shared=True),
+    # README: token stores, inputs by URL, a job array of shards (local_submitit: local processes)
+    ".venv/bin/python -m pipeline.prepare prepare.pretokenize=true prepare.workers=2":
+        Scaled(append=("cache_dir={cache}", "progress=false"),
+               check=output_contains("pre-tokenized", "in 2 process(es)", "prepared sources")),
+    ".venv/bin/python -m pipeline.prepare data=tatoeba_mono data.path=s3://my-bucket/corpus/mono":
+        Scaled(replace=(("s3://my-bucket/corpus/mono", "file://{ws}/my_corpus/mono"),),
+               append=("cache_dir={cache}", "progress=false", *OWN_DATA_TOKENIZER),
+               check=output_contains("prepared sources", "swh")),
+    ".venv/bin/python -m pipeline.prepare cache_dir=/shared/mixpipe":
+        Scaled(replace=(("cache_dir=/shared/mixpipe", "cache_dir={ws}/array_cache"),),
+               append=ARRAY_SMALL, check=output_contains("prepared sources")),
+    ".venv/bin/python -m pipeline.prepare -m hydra/launcher=slurm prepare.pretokenize=true prepare.num_shards=64 "
+    "'prepare.shard=range(0,64)' cache_dir=/shared/mixpipe":
+        Scaled(replace=(("hydra/launcher=slurm", "hydra/launcher=local_submitit"),
+                        ("prepare.num_shards=64 'prepare.shard=range(0,64)'",
+                         "prepare.num_shards=2 'prepare.shard=range(0,2)'"),
+                        ("cache_dir=/shared/mixpipe", "cache_dir={ws}/array_cache")),
+               append=(*ARRAY_SMALL, "hydra.sweep.dir={ws}/multirun/prepare_array"),
+               after=(".venv/bin/python -m pipeline.prepare cache_dir=/shared/mixpipe",),
+               check=output_contains("prepare.shard=0", "prepare.shard=1")),
+    ".venv/bin/python -m pipeline.prepare prepare.pretokenize=true cache_dir=/shared/mixpipe":
+        Scaled(replace=(("cache_dir=/shared/mixpipe", "cache_dir={ws}/array_cache"),),
+               append=ARRAY_SMALL,
+               after=(".venv/bin/python -m pipeline.prepare -m hydra/launcher=slurm prepare.pretokenize=true "
+                      "prepare.num_shards=64 'prepare.shard=range(0,64)' cache_dir=/shared/mixpipe",),
+               check=output_contains("encoded earlier", "prepared sources")),
+    # docs/BENCHMARKS.md: preparation with token stores (two languages, a few repetitions)
+    BENCH_LONG_DOCS: Scaled(replace=(("../shared/data/tatoeba/mono/*.txt", "$MIXPIPE_SHARED/data/tatoeba/mono/[ae]*.txt"),
+                                     ("$(seq 32)", "$(seq 2)")),
+                            needs_shared=True, check=files_exist(".cache/long_docs/eng.txt", ".cache/long_docs/afr.txt")),
+    BENCH_PREPARE: Scaled(append=BENCH_SMALL, after=(BENCH_LONG_DOCS,), needs_shared=True,
+                          check=output_contains("prepared sources")),
+    f"{BENCH_PREPARE} prepare.pretokenize=true prepare.workers=1":
+        Scaled(append=BENCH_SMALL, after=(BENCH_PREPARE,), needs_shared=True,
+               check=output_contains("in 1 process(es)")),
+    "rm -rf .cache/bench_prepare/prepared/*/token_stores-*":
+        Scaled(after=(f"{BENCH_PREPARE} prepare.pretokenize=true prepare.workers=1",), needs_shared=True),
+    f"{BENCH_PREPARE} prepare.pretokenize=true prepare.workers=2":
+        Scaled(append=BENCH_SMALL, after=("rm -rf .cache/bench_prepare/prepared/*/token_stores-*",),
+               needs_shared=True, check=output_contains("in 2 process(es)")),
     ".venv/bin/python -m pipeline.report experiment=demo mixture=unimax run.total_steps=5000":
         Scaled(append=("cache_dir={cache}", "progress=false"), check=output_contains("UniMax")),
     ".venv/bin/python -m pipeline.train experiment=demo data=tatoeba_mono data.path=my_corpus/mono":
