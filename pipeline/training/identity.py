@@ -9,7 +9,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # Keys that say where a run lives, not what it computes: left out of the digest.
-_PLACE_KEYS = ("output_dir", "ckpt_path", "overwrite", "resume", "cache_dir", "progress", "launch", "record_consumed")
+_PLACE_KEYS = ("output_dir", "ckpt_path", "overwrite", "resume", "cache_dir", "progress", "launch", "record_consumed",
+               "prepare")  # prepare.*: how sources are built (processes, shards), not what trains
 
 
 def config_digest(cfg: DictConfig) -> str:
