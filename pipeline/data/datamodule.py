@@ -15,6 +15,13 @@ global batch. A resume that `resume.allow_mismatch=true` let change the stream s
 `restart_stream_on_load`: this run's stream then continues at the checkpoint's step.
 The plan's ``example_keep`` is applied by the sampler, its ``example_weights`` by the
 collator (`pipeline.data.text_rows.plan_loss_weight`). Each source keeps a held-out validation split (`pipeline.data.split`).
+
+Online mixing: the sampler's plan history is part of the sampler state (so of this state),
+and `train_dataloader` refuses a loader that can run further ahead than the controller's lag
+(`check_online_lag`); the sampler raises if it ever does. Batches are drawn in the main
+process, whose sampler the controller updates; the collator (in the workers, on copies of the
+sampler that never see a decision) reads only the loss weights, which the controller leaves
+to the stages on its left (`MixtureSampler.loss_weights_at`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,39 @@ from pipeline.sampling.batch_geometry import BatchGeometry, check_micro_batch_si
 from pipeline.sampling.sampler import MixtureSampler, RankBatchSampler
 
 log = logging.getLogger(__name__)
+
+PREFETCH_FACTOR = 2  # torch's default: batches each worker holds ahead
+
+
+def loader_lookahead(num_workers: int, prefetch_factor: int = PREFETCH_FACTOR) -> int:
+    """Micro-batches the loader may take from the batch sampler beyond the one being trained:
+    the indices torch keeps outstanding (prefetch_factor per worker; none without workers)
+    plus Lightning's one-batch lookahead (its fetcher holds the next batch to detect the last).
+    Measured on the demo with 2 workers (lag check disabled): a slack of 4 micro-batches
+    trained, 3 raised PlanNotDecidedError; this bound (5) keeps one micro-batch of margin."""
+    return (num_workers * prefetch_factor if num_workers > 0 else 0) + 1
+
+
+def check_online_lag(sampler: MixtureSampler, accumulation: int, num_workers: int) -> None:
+    """ValueError unless the online controller's lag exceeds what the loader can prefetch.
+
+    The decision from window k (steps [kN, (k+1)N)) is made after its last step and applies
+    from step (k + 1 + lag) N, so when it is made the loader may hold micro-batches of the
+    next lag * N steps without touching an undecided plan: lag * N * accumulation must be at
+    least the loader's lookahead.
+    """
+    if not sampler.online:
+        return
+    schedule = sampler.schedule
+    slack = schedule.lag_windows * schedule.update_steps * accumulation
+    ahead = loader_lookahead(num_workers)
+    if slack < ahead:
+        raise ValueError(
+            f"online mixing lag too short for the loader: lag_windows x update_every x accumulation = "
+            f"{schedule.lag_windows} x {schedule.update_steps} x {accumulation} = {slack} micro-batches, but "
+            f"loader.num_workers={num_workers} can prefetch {ahead}; raise the OnlineBandit's lag_windows or "
+            "update_every (a plan must be decided before the loader reads its step)"
+        )
 
 
 def select_sources(corpus, kinds: Sequence[str] = ("mono", "parallel"),
@@ -95,7 +135,7 @@ class MixtureDataModule(LightningDataModule):
         self.max_length = int(max_length)
         self.train_set = MixtureDataset(corpus, tokenizer, self.sources, split, "train", max_length, direction)
         self.val_set = MixtureDataset(corpus, tokenizer, self.sources, split, "val", max_length, direction)
-        self.collate = MixtureCollator(lambda step: sampler.plan_at(step).loss_weights,
+        self.collate = MixtureCollator(sampler.loss_weights_at,
                                        tokenizer.pad_id, max_length, pack, example_weights=sampler.example_weights)
         self.val_collate = MixtureCollator(lambda step: None, tokenizer.pad_id, max_length, pack=False)
         self.num_workers = int(num_workers)
@@ -130,6 +170,7 @@ class MixtureDataModule(LightningDataModule):
                 f"{batches.micro_batch_size} needs {batches.accumulation}; one optimizer step must "
                 "consume exactly one global batch"
             )
+        check_online_lag(self.sampler, batches.accumulation, self.num_workers)
         log.info("train stream: rank %d/%d from step %d, %d micro-batches per step",
                  rank, world, batches.steps().start, batches.accumulation)
         return MixtureDataLoader(
@@ -175,6 +216,10 @@ class MixtureDataModule(LightningDataModule):
         if "sampler" not in state:
             raise ValueError("datamodule state has no 'sampler' entry (checkpoint from another datamodule?)")
         if self.restart_stream_on_load:
+            if self.sampler.online:
+                raise ValueError("resume.allow_mismatch=true cannot restart an online mixture (OnlineBandit) on "
+                                 "another stream: its plan history belongs to the checkpoint's stream; start a "
+                                 "fresh run or resume without the mismatch")
             if "step" not in state["sampler"]:
                 raise ValueError("sampler state is missing key 'step'")
             self.start_step = int(state["sampler"]["step"])

@@ -7,6 +7,11 @@ Per source and per schedule phase: size, sampling probability and loss weight at
 phase's first and last step, expected draws in the phase, and cumulative epochs at its end;
 then the whole run, with flags for sources that round to zero draws or exceed the epoch
 limit. Training logs the same table before its first step.
+
+An adaptive schedule (online mixing, `pipeline.mixing.schedule.OnlineSchedule`) is reported
+by its initial plan: the controller's plan before any observation, held over the run (the
+prior's own schedule, e.g. a Cooldown, still moves), and the description says the
+probabilities adapt, from which step and how often.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.mixing.schedule import MixtureSchedule
+from pipeline.mixing.schedule import MixtureSchedule, OnlineSchedule
 
 
 class PlannedStream(Protocol):
@@ -86,6 +91,15 @@ def build_report(sampler: PlannedStream, sizes: dict[str, float] | None = None,
                  size_unit: str = "documents", max_epochs: float = 10.0) -> MixtureReport:
     """Evaluate the sampler's schedule at every phase boundary (no stream is generated)."""
     schedule = sampler.schedule
+    adaptive = ""
+    if isinstance(schedule, OnlineSchedule):
+        bandit = schedule.bandit
+        adaptive = (f"; ADAPTIVE: the probabilities below are the initial plan; the online controller "
+                    f"re-decides them every {bandit.update_every} steps from the training losses, first "
+                    f"applied at step {(1 + bandit.lag_windows) * bandit.update_every} "
+                    f"(lag {bandit.lag_windows} window(s)); draws and epochs assume no update")
+        schedule = MixtureSchedule(schedule.stage, schedule.sizes, schedule.total_steps, bandit.update_every)
+        sampler = _Planned(schedule, sampler)
     total = schedule.total_steps
     edges = sorted({0, total, *(min(total, max(0, round(b * total))) for b in schedule.stage.breakpoints())})
     phases = []
@@ -111,8 +125,22 @@ def build_report(sampler: PlannedStream, sizes: dict[str, float] | None = None,
     return MixtureReport(
         sampler.sources, sampler.num_documents, size_array, size_unit, total,
         sampler.global_batch_size, phases, expected, epochs, max_epochs,
-        f"{schedule.stage!r}, sampler={sampler.mode}, seed={sampler.seed}", flags,
+        f"{schedule.stage!r}, sampler={sampler.mode}, seed={sampler.seed}{adaptive}", flags,
     )
+
+
+class _Planned:
+    """A stand-in sampler over a static schedule (the initial plan of an adaptive one)."""
+
+    def __init__(self, schedule: MixtureSchedule, sampler: PlannedStream):
+        self.schedule = schedule
+        self.sources, self.num_documents = sampler.sources, sampler.num_documents
+        self.global_batch_size, self.mode, self.seed = sampler.global_batch_size, sampler.mode, sampler.seed
+
+    def cumulative_targets(self, step: int) -> np.ndarray:
+        boundaries = self.schedule.boundaries
+        lengths = np.clip(np.minimum(step, np.append(boundaries[1:], max(step, boundaries[-1]))) - boundaries, 0, None)
+        return (self.schedule.probs * lengths[:, None]).sum(0) * self.global_batch_size
 
 
 def format_report(report: MixtureReport) -> str:

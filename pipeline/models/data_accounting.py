@@ -11,6 +11,13 @@ One path for what a run trained on, so the model families cannot drift:
   ``data/loss_weight/<key>`` (the sampler's plan at the step) and ``data/epochs/<key>``
   (passes over the source's drawable examples), keys from `pipeline.evaluation.metrics.source_key`.
 
+Online mixing (`pipeline.mixing.online`) also needs each source's *training* loss: a model
+that supports it (``supports_source_losses``) adds every micro-batch's per-token losses with
+`add_source_losses` once ``track_source_losses`` is set (by
+`pipeline.training.callbacks.OnlineMixing`), and `reduce_source_losses` sums one step's
+local sums over the ranks and broadcasts rank 0's result, so every rank feeds the
+controller the same bits.
+
 What a "token" is belongs to the model: the LM counts target tokens per token source, the
 contrastive model caption tokens (``<bos> ... <eos>``) per row. The data stream itself (and
 its restart under ``resume.allow_mismatch``) belongs to the datamodule
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.evaluation.metrics import PerSourceSum, source_key
@@ -38,9 +46,31 @@ class DataAccounting:
     must call ``super()``.
     """
 
+    supports_source_losses = False  # a model that calls add_source_losses sets this
+
     def init_data_accounting(self, num_sources: int) -> None:
         self.seen_tokens = PerSourceSum(num_sources)
         self.seen_rows = PerSourceSum(num_sources)
+        self.track_source_losses = False
+        # This rank's (loss sum, target tokens) per source since the last pop: (2, S) float64.
+        # A plain tensor, not a metric: it is reduced once per step by reduce_source_losses.
+        self._source_losses = torch.zeros(2, num_sources, dtype=torch.float64)
+
+    def add_source_losses(self, losses: torch.Tensor, token_sources: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add one micro-batch's unweighted per-token losses (N,) to their sources (N,) where
+        `mask` (N,) holds (target tokens)."""
+        losses, token_sources, mask = losses.reshape(-1), token_sources.reshape(-1), mask.reshape(-1)
+        keep = mask & (token_sources >= 0)
+        index = token_sources[keep]
+        if self._source_losses.device != losses.device:
+            self._source_losses = self._source_losses.to(losses.device)
+        self._source_losses[0].index_add_(0, index, losses[keep].detach().to(torch.float64))
+        self._source_losses[1].index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+
+    def pop_source_losses(self) -> torch.Tensor:
+        """(2, S) float64 local (loss sums, target tokens) since the last call; resets them."""
+        local, self._source_losses = self._source_losses, torch.zeros_like(self._source_losses)
+        return local
 
     def count_data(self, tokens: torch.Tensor, token_sources: torch.Tensor, row_sources: torch.Tensor,
                    token_mask: torch.Tensor | None = None) -> None:
@@ -99,3 +129,21 @@ class DataAccounting:
         if self.global_rank == 0:
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=step)
+
+
+def reduce_source_losses(local: torch.Tensor, group=None) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's (2, S) local (loss sums, token counts), summed over `group` (default: the
+    world; no-op without torch.distributed), as float64 numpy (loss_sums, token_counts).
+
+    A collective: every rank calls it once per optimizer step. The sum is all-reduced, then
+    rank 0's result is broadcast, so every rank returns identical bits even if a backend's
+    reduction rounded differently per rank: ranks that saw different losses agree on the plan.
+    """
+    import torch.distributed as dist
+
+    total = local.detach().to(torch.float64).clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(total, group=group)
+        dist.broadcast(total, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    total = total.cpu().numpy()
+    return total[0].copy(), total[1].copy()

@@ -39,6 +39,7 @@ from pipeline.models.transformer import DecoderOnlyTransformer, TransformerConfi
 
 
 class LanguageModel(DataAccounting, pl.LightningModule):
+    supports_source_losses = True  # training losses per source for online mixing
     """Args:
         vocab_size, sources: from the prepared data (sources index `source_ids`).
         transformer: TransformerConfig fields (d_model, n_layers, n_heads, d_ff, ...).
@@ -114,8 +115,13 @@ class LanguageModel(DataAccounting, pl.LightningModule):
         normalizer = self._global_normalizer(batch)
         hidden = self._hidden(batch)
         labels = batch["labels"].flatten()
-        weighted_sum = self.loss_head(hidden.flatten(0, 1), self.model.lm_head_weight, labels,
-                                      batch["token_weights"].flatten())
+        if self.track_source_losses:  # online mixing: unweighted per-token losses, then the weighted sum
+            losses = self.loss_head(hidden.flatten(0, 1), self.model.lm_head_weight, labels, reduction="none")
+            self.add_source_losses(losses, batch["token_source_ids"].flatten(), labels != IGNORE_INDEX)
+            weighted_sum = (losses * batch["token_weights"].flatten()).sum()
+        else:
+            weighted_sum = self.loss_head(hidden.flatten(0, 1), self.model.lm_head_weight, labels,
+                                          batch["token_weights"].flatten())
         objective = weighted_sum / normalizer
         self._step_loss += float(objective.detach())
         self.count_data(torch.ones_like(labels, dtype=torch.float64), batch["token_source_ids"].flatten(),

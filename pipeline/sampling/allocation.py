@@ -52,7 +52,7 @@ class ExactAllocator:
         self.num_sources = len(schedule.sources)
         # Segment boundaries in sample positions; the last segment is unbounded.
         self.segment_starts = schedule.boundaries * self.batch
-        self._build_tree(schedule.mean_probs())
+        self._build_tree(schedule.tree_weights())
         self._count_at_boundaries()
 
     # -- tree ------------------------------------------------------------------------
@@ -85,9 +85,11 @@ class ExactAllocator:
         for node_id in sorted(self.nodes, reverse=True):  # parents have larger ids
             node = self.nodes[node_id]
             parent_counts = self.counts[node_id]
+            # base[m + 1] = base[m] + share[m] * (parent_counts[m + 1] - parent_counts[m]):
+            # np.cumsum adds left to right, so this is the sequential sum, bit for bit, in
+            # array time (an online schedule rebuilds this at every decision).
             base = np.zeros(len(parent_counts), dtype=np.float64)
-            for m in range(len(parent_counts) - 1):
-                base[m + 1] = base[m] + node.share_left[m] * float(parent_counts[m + 1] - parent_counts[m])
+            np.cumsum(node.share_left[:-1] * np.diff(parent_counts).astype(np.float64), out=base[1:])
             self.bases[node_id] = base
             left = np.floor(base + 0.5).astype(np.int64)
             self.counts[node.left] = left
@@ -179,6 +181,7 @@ class StochasticAllocator:
         self.batch = int(global_batch_size)
         self.seed = int(seed)
         self.num_sources = len(schedule.sources)
+        self.probs = schedule.probs  # this allocator's plans (an online schedule replaces its array when it grows)
         self.block = int(block_samples)
         starts = schedule.boundaries * self.batch
         chunks: list[tuple[int, int, int]] = []  # (start position, length, plan segment)
@@ -192,6 +195,22 @@ class StochasticAllocator:
         self._chunk_counts: list[np.ndarray] = []
         self._cumulative: list[np.ndarray] = [np.zeros(self.num_sources, dtype=np.int64)]
         self._cached_block: tuple[tuple[int, int], np.ndarray] | None = None
+
+    def carry_from(self, previous: StochasticAllocator) -> None:
+        """Reuse `previous`'s drawn chunk counts where its chunks are a prefix of these (an
+        online schedule grown by appended segments: same starts, lengths and plans, so the
+        same seeded draws); its tail chunks are not carried."""
+        segments = min(previous.tail_segment, self.tail_segment)
+        equal = np.all(previous.probs[:segments] == self.probs[:segments], axis=1)
+        first_changed = segments if equal.all() else int(np.argmin(equal))
+        same = 0
+        for old, new in zip(previous.chunks, self.chunks, strict=False):
+            if old != new or old[2] >= first_changed:
+                break
+            same += 1
+        same = min(same, len(previous._chunk_counts))
+        self._chunk_counts = previous._chunk_counts[:same]
+        self._cumulative = previous._cumulative[:same + 1]
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, *key])))
@@ -211,7 +230,7 @@ class StochasticAllocator:
         while len(self._chunk_counts) <= index:
             k = len(self._chunk_counts)
             _, length, segment = self._chunk(k)
-            counts = self._rng(k, 0).multinomial(length, self.schedule.probs[segment]).astype(np.int64)
+            counts = self._rng(k, 0).multinomial(length, self.probs[segment]).astype(np.int64)
             self._chunk_counts.append(counts)
             self._cumulative.append(self._cumulative[-1] + counts)
         return self._chunk_counts[index]

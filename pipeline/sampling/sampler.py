@@ -20,6 +20,14 @@ example repeats across ranks within a step and every rank sees the same number o
 batches. Nothing depends on world size, ranks, dataloader workers or prefetch depth: a
 run saved at world size 2 resumes at world size 3 on the same stream. The state is just
 the next step; per-source cursors and epochs are recomputed from it in milliseconds.
+
+Online mixing (`pipeline.mixing.online.OnlineBandit` last in the stages): the schedule is an
+`OnlineSchedule` that grows by one window per controller decision (`observe_losses`), and
+the stream is a pure function of (seed, plan history, step). The allocator is rebuilt on
+each decision over the grown schedule; segments are only ever appended and the source tree
+is fixed, so every position before the old horizon keeps its source. The state then also
+holds the plan history (`plan_history`), which a resume, at any world size, replays.
+Positions past the decided horizon raise `PlanNotDecidedError`.
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.mixing.base import MixingStage
+from pipeline.mixing.online import PlanNotDecidedError
 from pipeline.mixing.plan import MixturePlan, validate_sizes
-from pipeline.mixing.schedule import MixtureSchedule
+from pipeline.mixing.schedule import Decision, make_schedule
 from pipeline.sampling.allocation import ExactAllocator, StochasticAllocator
 from pipeline.sampling.batch_geometry import BatchGeometry
 from pipeline.sampling.permutation import hash_key, permute
@@ -106,7 +115,8 @@ class MixtureSampler:
         self.seed = int(seed)
         self.mode = mode
         sizes = {name: (mixture_sizes or num_documents)[name] for name in names}
-        self.schedule = MixtureSchedule(stage, sizes, total_steps, update_steps)
+        self.schedule = make_schedule(stage, sizes, total_steps, update_steps)
+        self.online = self.schedule.adaptive
         self.kept = self._kept_examples()
         self.num_documents = self.total_documents.copy()
         self._index_map: np.ndarray | None = None
@@ -119,10 +129,7 @@ class MixtureSampler:
                 self._mapped[s], self._map_start[s] = True, offset
                 offset += kept.size
             self._index_map = np.concatenate(list(self.kept.values()))
-        if mode == "exact":
-            self.allocator = ExactAllocator(self.schedule, self.global_batch_size)
-        else:
-            self.allocator = StochasticAllocator(self.schedule, self.global_batch_size, self.seed)
+        self._build_allocator()
         self.fingerprint = f"{mode}-{self.seed}-{self.global_batch_size}-{self.schedule.digest()}"
         if self.kept:  # another kept subset is another stream (runs without one keep their fingerprint)
             hasher = hashlib.sha256()
@@ -130,6 +137,15 @@ class MixtureSampler:
                 hasher.update(f"{names[s]}\0{self.total_documents[s]}\0".encode())
                 hasher.update(kept.tobytes())
             self.fingerprint += f"-keep{hasher.hexdigest()[:16]}"
+
+    def _build_allocator(self) -> None:
+        if self.mode == "exact":
+            self.allocator = ExactAllocator(self.schedule, self.global_batch_size)
+        else:
+            previous = getattr(self, "allocator", None)
+            self.allocator = StochasticAllocator(self.schedule, self.global_batch_size, self.seed)
+            if previous is not None:  # an online schedule grew: keep the draws of unchanged chunks
+                self.allocator.carry_from(previous)
 
     def _kept_examples(self) -> dict[int, np.ndarray]:
         """{source index: sorted kept indices} from the plans' ``example_keep`` (one mask per
@@ -162,11 +178,31 @@ class MixtureSampler:
     def plan_at(self, step: int) -> MixturePlan:
         return self.schedule.plan_at(step)
 
+    @property
+    def decided_steps(self) -> int | None:
+        """Steps [0, decided_steps) have a plan (None: all; a static mixture)."""
+        return self.schedule.decided_steps
+
+    def observe_losses(self, step: int, loss_sums, token_counts) -> Decision | None:
+        """Online mixing: feed optimizer step `step`'s per-source loss sums and target-token
+        counts ((S,) each, already all-reduced, identical on every rank). At the end of a
+        window the controller decides, the schedule grows and the allocator is rebuilt.
+        Returns the decision, if one was made."""
+        if not self.online:
+            raise ValueError("observe_losses needs an online mixture (OnlineBandit as the last stage)")
+        decision = self.schedule.observe(step, np.asarray(loss_sums, dtype=np.float64),
+                                         np.asarray(token_counts, dtype=np.float64))
+        if decision is not None:
+            self._build_allocator()
+        return decision
+
     # -- the stream ----------------------------------------------------------------------
     def positions(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(source, index, draw) for stream positions [start, stop), each (stop-start,)."""
         if start < 0 or stop < start:
             raise ValueError(f"bad position range [{start}, {stop})")
+        if self.online and stop > start:
+            self.schedule.check_decided(-(-stop // self.global_batch_size))
         source, draw = self.allocator.allocate(start, stop)
         return source, self._example_index(source, draw), draw
 
@@ -199,16 +235,27 @@ class MixtureSampler:
             index[mapped] = self._index_map[self._map_start[source[mapped]] + index[mapped]]
         return index
 
+    def loss_weights_at(self, step: int) -> np.ndarray:
+        """(S,) the plan's loss weights at `step`. With online mixing they do not depend on the
+        controller's decisions (it moves only sample_probs), so a dataloader worker, whose copy
+        of the sampler never sees a decision, reads them for any step."""
+        return self._weights_plan(step).loss_weights
+
+    def _weights_plan(self, step: int) -> MixturePlan:
+        return self.schedule.loss_weights_at(step) if self.online else self.plan_at(step)
+
     def example_weights(self, step: int) -> list[np.ndarray | None]:
         """Per source index: the plan's ``example_weights`` at `step` ((total_documents,)
         float64 factors on each example's loss weight), or None for a source without."""
-        weights = self.plan_at(step).example_weights or {}
+        weights = self._weights_plan(step).example_weights or {}
         return [None if name not in weights else np.asarray(weights[name], dtype=np.float64)
                 for name in self.sources]
 
     # -- accounting --------------------------------------------------------------------
     def draw_counts(self, step: int) -> np.ndarray:
         """(S,) draws per source in global steps [0, step): the per-source cursors."""
+        if self.online:
+            self.schedule.check_decided(step)
         return self.allocator.counts_at(step * self.global_batch_size)
 
     def epochs(self, step: int) -> dict[str, float]:
@@ -225,12 +272,15 @@ class MixtureSampler:
 
     def state_dict(self, step: int) -> dict:
         """What a checkpoint needs to continue this stream at `step`."""
-        return {
+        state = {
             "step": int(step),
             "fingerprint": self.fingerprint,
             "sources": list(self.sources),
             "draw_counts": self.draw_counts(step).tolist(),
         }
+        if self.online:
+            state["plan_history"] = self.schedule.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping) -> int:
         """Validate a saved state against this sampler and return the step to resume at.
@@ -250,6 +300,14 @@ class MixtureSampler:
                 "the seed, mode, global batch size or mixture schedule changed since the checkpoint"
             )
         step = int(state["step"])
+        if self.online:
+            if "plan_history" not in state:
+                raise ValueError("sampler state has no 'plan_history': an online mixture resumes only from its own history")
+            self.schedule.load_state_dict(state["plan_history"])
+            self._build_allocator()
+            if self.schedule.observed_steps != step:
+                raise ValueError(f"online plan history observed {self.schedule.observed_steps} steps but the "
+                                 f"checkpoint is at step {step}: the losses of the steps between are lost")
         if "draw_counts" in state and list(state["draw_counts"]) != self.draw_counts(step).tolist():
             raise ValueError("sampler state draw_counts disagree with the recomputed stream")
         return step
@@ -310,8 +368,17 @@ class RankBatchSampler:
         per_rank = batch // self.world_size
         window = max(1, self.WINDOW_SAMPLES // batch)
         size = self.micro_batch_size
-        for first in range(steps.start, steps.stop, window):
+        first = steps.start
+        while first < steps.stop:
             count = min(window, steps.stop - first)
+            decided = self.sampler.decided_steps  # online mixing: never generate past the decided plan
+            if decided is not None:
+                if first >= decided:
+                    raise PlanNotDecidedError(
+                        f"rank {self.rank}: the loader asked for step {first} before the online controller "
+                        f"decided its plan (decided up to step {decided}); raise lag_windows or update_every, "
+                        "or lower loader.num_workers / prefetch")
+                count = min(count, decided - first)
             source, index, _ = self.sampler.positions(first * batch, (first + count) * batch)
             for offset in range(count):
                 step = first + offset
@@ -321,6 +388,7 @@ class RankBatchSampler:
                 for micro in range(self.accumulation):
                     yield MicroBatch(triples[micro * size:(micro + 1) * size],
                                      step_items=triples if micro == 0 else None)
+            first += count
 
 
 class MicroBatch(list):

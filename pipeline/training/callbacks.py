@@ -1,7 +1,7 @@
 """The run's Lightning callbacks, and the small ones that audit resume and stop.
 
-`build_callbacks` lists every callback a training run gets: atomic checkpoints, rank
-agreement, batch-progress alignment, preemption, non-finite loss, validation at an early stop,
+`build_callbacks` lists every callback a training run gets: online mixing (a no-op unless
+the mixture ends with `OnlineBandit`), atomic checkpoints, rank agreement, batch-progress alignment, preemption, non-finite loss, validation at an early stop,
 and (``record_consumed=true``) `ConsumedExamplesLog`, which writes which (source, example)
 pairs each rank trained on, so tests and users can check that a resumed run continued the stream.
 """
@@ -9,6 +9,7 @@ pairs each rank trained on, so tests and users can check that a resumed run cont
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,53 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig
 
+from pipeline.models.data_accounting import reduce_source_losses
 from pipeline.training.checkpointing import AtomicModelCheckpoint, checkpoints_dir_of
 from pipeline.training.divergence import NonFiniteLoss
 from pipeline.training.identity import config_digest
 from pipeline.training.preemption import Preemption
+
+log = logging.getLogger(__name__)
+
+
+# -- online mixing -------------------------------------------------------------------------
+class OnlineMixing(Callback):
+    """Feeds the online mixing controller (`pipeline.mixing.online`) with training losses.
+
+    After every optimizer step, each rank's per-source (loss sum, target tokens) of the step
+    is summed over the ranks (`reduce_source_losses`: identical bits everywhere) and given to
+    the sampler (`MixtureSampler.observe_losses`), whose schedule decides at the end of each
+    window. It runs before the checkpoint callbacks (Lightning orders those last and this one
+    is listed first), so a checkpoint at step t holds the observations of steps [0, t).
+    A no-op when the run's mixture is not online.
+    """
+
+    def __init__(self):
+        self.sampler = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        sampler = getattr(getattr(trainer, "datamodule", None), "sampler", None)
+        if stage != "fit" or not getattr(sampler, "online", False):
+            self.sampler = None
+            return
+        if not getattr(pl_module, "supports_source_losses", False):
+            raise ValueError(f"mixture with OnlineBandit needs per-source training losses, which "
+                             f"{type(pl_module).__name__} does not report; use a language model")
+        pl_module.track_source_losses = True
+        self.sampler = sampler
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.sampler is None:
+            return
+        step = int(batch["step"][0])
+        if trainer.global_step != step + 1:  # not the step's last micro-batch (no optimizer step yet)
+            return
+        loss_sums, token_counts = reduce_source_losses(pl_module.pop_source_losses())
+        decision = self.sampler.observe_losses(step, loss_sums, token_counts)
+        if decision is not None and trainer.is_global_zero:
+            log.info("online mixing: window %d observed, plan of window %d (steps from %d) decided: %s",
+                     decision.window, decision.applies_to, decision.applies_to * self.sampler.schedule.update_steps,
+                     ", ".join(f"{n}={p:.4f}" for n, p in zip(self.sampler.sources, decision.probs, strict=True)))
 
 
 # -- the consumed stream -------------------------------------------------------------------
@@ -144,7 +188,7 @@ class AlignBatchProgress(Callback):
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, identity: dict[str, Any] | None = None) -> list:
-    callbacks: list = [AtomicModelCheckpoint(
+    callbacks: list = [OnlineMixing(), AtomicModelCheckpoint(
         identity=identity,
         dirpath=str(checkpoints_dir_of(output_dir)),
         filename="step{step:06d}",

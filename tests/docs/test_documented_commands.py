@@ -389,6 +389,10 @@ COVERAGE: dict[str, Scaled] = {
     ".venv/bin/python -m pipeline.train experiment=demo data=hf_generic data.path=my_corpus/corpus.jsonl "
     "data.source_column=lang data.text_column=text": train("logger=none", *OWN_DATA_TOKENIZER),
     # README: multimodal
+    # README, Mixtures: online mixing; 4 steps with a window of 1 so a decision is applied
+    "python -m pipeline.train experiment=demo mixture=online_bandit mixture.stages.0.update_every=10":
+        train("logger=none", "run.total_steps=4", "mixture.stages.0.update_every=1",
+              check=lambda run: (completed_run(run), output_contains("ADAPTIVE")(run))),
     "python -m pipeline.train experiment=demo_multimodal": train("logger=none"),
     "python -m pipeline.train experiment=demo_multimodal balance=m4 balance.eta=0.6": train("logger=none"),
     "python -m pipeline.train experiment=demo_multimodal model.objective=sigmoid": train("logger=none", slow=True),
