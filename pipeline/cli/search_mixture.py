@@ -55,6 +55,7 @@ from pipeline.mixing.search import (
     epoch_caps,
     expand_to_sources,
     group_domains,
+    min_mixtures,
 )
 from pipeline.mixing.temperature import temperature_probs
 from pipeline.mixing.unimax import unimax_allocation
@@ -213,7 +214,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         else:
             loo = f"not fitted: {cv.get('error')} | - | - | -"
         lines.append(f"| {model}{mark} | {held} | {loo} |")
-    lines += ["", f"## Predicted vs observed, held-out proxies ({report['model']})", "",
+    lines += ["", f"## Predicted vs observed, held-out proxies ({report['model']}, "
+              f"{report['held_out_predictions']} predictions)", "",
               "| proxy | " + " | ".join(f"{d} pred | {d} obs" for d in domains) + " |",
               "|---|" + "---|---|" * len(domains)]
     for row in report["held_out"]:
@@ -336,7 +338,7 @@ def search(args: argparse.Namespace) -> int:
     if missing:
         print(f"{len(missing)} proxies without a completed run and finite losses: {', '.join(missing)}",
               file=sys.stderr)
-    need = len(domains) + 1 + args.held_out
+    need = min_mixtures(len(domains), args.held_out)
     if len(losses) < need:
         print(f"error: {len(losses)} completed proxies, the fit needs {need}; rerun to finish the others",
               file=sys.stderr)
@@ -389,6 +391,7 @@ def search(args: argparse.Namespace) -> int:
     train_command = " ".join([sys.executable, "-m", "pipeline.train", *overrides,
                               f"'hydra.searchpath=[file://{out / 'conf'}]'", f"mixture={args.name}"])
     held = [n for n, h in zip(done, held_out, strict=True) if h]
+    held_pred = fits[model]["pred"] if "errors" in fits[model] else loo[model]["pred"][held_out]
     report = {
         "name": args.name, "mixture_file": str(mixture_path), "train_command": train_command,
         "num_mixtures": len(mixtures), "num_completed": len(done), "num_held_out": int(held_out.sum()),
@@ -396,8 +399,10 @@ def search(args: argparse.Namespace) -> int:
         "fits": {m: {k: f[k] for k in ("errors", "objective_errors", "error") if k in f} for m, f in fits.items()},
         "leave_one_out": {m: {k: f[k] for k in ("errors", "objective_errors", "spearman", "error") if k in f}
                           for m, f in loo.items()},
+        # the held-out fit's predictions; its leave-one-out ones where it could not be fitted there
+        "held_out_predictions": "held-out fit" if "errors" in fits[model] else "leave-one-out",
         "held_out": [{"proxy": n, "mixture": mixtures[n],
-                      "predicted": dict(zip(domains, fits[model]["pred"][i].tolist(), strict=True)),
+                      "predicted": dict(zip(domains, held_pred[i].tolist(), strict=True)),
                       "observed": losses[n]} for i, n in enumerate(held)],
         "chosen": {"domain_probs": chosen, "source_probs": expand_to_sources(chosen, domains, sizes),
                    "predicted_losses": dict(zip(domains, predicted_losses.tolist(), strict=True)),

@@ -34,6 +34,7 @@ __all__ = [
     "expand_to_sources",
     "group_domains",
     "law_parameters",
+    "min_mixtures",
     "prior_probs",
 ]
 
@@ -44,8 +45,15 @@ def law_parameters(num_domains: int) -> int:
     return int(num_domains) + 1
 
 
+def min_mixtures(num_domains: int, num_held_out: int = 0) -> int:
+    """The smallest K a search can fit: more proxies than the law's 1 + M parameters (a fit
+    needs more points than parameters), plus the held-out ones."""
+    return law_parameters(num_domains) + 1 + int(num_held_out)
+
+
 def check_num_mixtures(num_mixtures: int, num_domains: int, num_held_out: int = 0) -> None:
-    """K must fit the law (1 + M parameters per target) after holding out `num_held_out` proxies.
+    """K must fit the law (1 + M parameters per target, more points than that) after holding
+    out `num_held_out` proxies.
 
     Raises:
         ValueError: K too small (the message gives the smallest K that works).
@@ -54,11 +62,12 @@ def check_num_mixtures(num_mixtures: int, num_domains: int, num_held_out: int = 
         raise ValueError(f"number of mixtures K must be an integer, got {num_mixtures!r}")
     if num_held_out < 0:
         raise ValueError(f"held-out proxies must be >= 0, got {num_held_out}")
-    need = law_parameters(num_domains) + num_held_out
+    need = min_mixtures(num_domains, num_held_out)
     if num_mixtures < need:
         raise ValueError(
             f"K={num_mixtures} mixtures is too few: the mixing law has {law_parameters(num_domains)} parameters "
-            f"per target over {num_domains} domains and {num_held_out} proxies are held out, so K >= {need}")
+            f"per target over {num_domains} domains (a fit needs more proxies than that) and {num_held_out} "
+            f"proxies are held out, so K >= {need}")
 
 
 def group_domains(sources: Sequence[str], groups: Mapping[str, Sequence[str]] | None,
@@ -184,7 +193,7 @@ def draw_mixtures(sizes: Mapping[str, float], num_mixtures: int, *, seed: int,
 
     Args:
         sizes: {domain: size in draws}, > 0.
-        num_mixtures: K; at least the law's parameters (1 + M) plus `num_held_out`.
+        num_mixtures: K; more than the law's parameters (1 + M), plus `num_held_out`.
         seed: the draws are a function of (seed, arguments) only.
         prior: {domain: mass} the draws centre on; None: temperature sampling at `tau`.
         tau: temperature of the default prior.

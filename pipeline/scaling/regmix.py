@@ -82,8 +82,9 @@ def fit_model(kind: str, R: np.ndarray, Y: np.ndarray, domains: Sequence[str],
     R, Y = _check(R, Y)
     if kind == "mixing_law":
         law = MixingLaw(list(domains))
-        if R.shape[0] < law.num_params:
-            raise ValueError(f"mixing law needs K >= {law.num_params} proxies, got {R.shape[0]}")
+        if R.shape[0] <= law.num_params:
+            raise ValueError(f"mixing law ({law.num_params} parameters) needs K >= {law.num_params + 1} "
+                             f"proxies, got {R.shape[0]}")
         return mixing_loss_fn([fit_law(law, R, Y[:, t], grid_size=grid_size) for t in range(Y.shape[1])])
     if kind in ("linear", "log_linear"):
         model = fit_linear(R, Y, log=kind == "log_linear")

@@ -83,10 +83,11 @@ def test_epoch_caps_hold_and_the_rest_is_renormalised():
 
 
 def test_bad_input_raises_a_named_error():
-    with pytest.raises(ValueError, match=r"K=4 mixtures is too few: the mixing law has 5 parameters .* K >= 5"):
-        draw_mixtures(SIZES, 4, seed=0)
-    with pytest.raises(ValueError, match=r"K >= 8"):
-        check_num_mixtures(7, 4, num_held_out=3)
+    with pytest.raises(ValueError, match=r"K=5 mixtures is too few: the mixing law has 5 parameters .* K >= 6"):
+        draw_mixtures(SIZES, 5, seed=0)
+    with pytest.raises(ValueError, match=r"K >= 9"):
+        check_num_mixtures(8, 4, num_held_out=3)
+    check_num_mixtures(9, 4, num_held_out=3)
     with pytest.raises(ValueError, match=r"prior names unknown source/domain 'klingon'"):
         draw_mixtures(SIZES, 8, seed=0, prior={**dict.fromkeys(SIZES, 1.0), "klingon": 1.0})
     with pytest.raises(ValueError, match=r"prior has no mass for domain 'tiny'"):
@@ -146,7 +147,7 @@ def test_fits_recover_their_own_law_and_are_scored_on_held_out_proxies():
         fit_linear(R[:5], np.where(np.arange(5)[:, None] == 1, np.nan, Y[:5]))
     # too few proxies for the law: reported, not fatal; the others are still scored
     few = compare_models(R[:5], Y[:5], ["a", "b", "c"], held_out_split(5, 2, seed=0))
-    assert "needs K >= 4" in few["mixing_law"]["error"] and "errors" in few["linear"]
+    assert "needs K >= 5 proxies, got 3" in few["mixing_law"]["error"] and "errors" in few["linear"]
 
 
 def test_leave_one_out_predicts_every_proxy_from_the_others():
@@ -158,7 +159,7 @@ def test_leave_one_out_predicts_every_proxy_from_the_others():
     assert cv["pred"].shape == (12, 2) and cv["errors"]["num_points"] == 24
     assert cv["errors"]["rmse_log"] < 1e-3 and min(cv["spearman"]) > 0.99
     assert cv["objective_errors"]["spearman"] > 0.99
-    assert "needs K >= 4" in cross_validate(R[:4], Y[:4], ["a", "b", "c"], "mixing_law")["error"]
+    assert "needs K >= 5" in cross_validate(R[:4], Y[:4], ["a", "b", "c"], "mixing_law")["error"]
 
 
 def test_max_increase_keeps_every_target_near_its_reference():
