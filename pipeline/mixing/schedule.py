@@ -193,13 +193,18 @@ class OnlineSchedule(MixtureSchedule):
         previous = None if self.left is None else self.left.apply(self.sizes, progress, None)
         return self.bandit.plan_from(self.bandit.prior(self.sources, previous), state.rewards, previous)
 
-    def _append(self, plan: MixturePlan) -> None:
+    def _append(self, plan: MixturePlan, restack: bool = True) -> None:
         """Append one window's plan; the arrays keep a sentinel row (the last plan) at the
         decided horizon so the allocators' last, unbounded segment is well defined (it is
-        never read: positions past the horizon raise)."""
+        never read: positions past the horizon raise). `restack=False` defers the arrays
+        (a replay restacks once at the end)."""
         if plan.sources != self.sources:
             raise ValueError(f"stage returned sources {plan.sources}, expected {self.sources}")
         self.plans.append(plan)
+        if restack:
+            self._restack()
+
+    def _restack(self) -> None:
         windows = len(self.plans)
         self.boundaries = np.arange(windows + 1, dtype=np.int64) * self.update_steps
         rows = [p.sample_probs for p in self.plans]
@@ -276,7 +281,7 @@ class OnlineSchedule(MixtureSchedule):
             return None
         return self._decide(*self.pending)
 
-    def _decide(self, loss_sums: np.ndarray, token_counts: np.ndarray) -> Decision:
+    def _decide(self, loss_sums: np.ndarray, token_counts: np.ndarray, restack: bool = True) -> Decision:
         window = len(self.decisions)
         self.state = self.bandit.update(self.state, self.sources, loss_sums, token_counts)
         applies_to = len(self.plans)
@@ -284,7 +289,7 @@ class OnlineSchedule(MixtureSchedule):
         plan = self._plan_for(applies_to, self.state)
         decision = Decision(window, loss_sums.copy(), token_counts.copy(), plan.sample_probs.copy(), applies_to)
         self.decisions.append(decision)
-        self._append(plan)
+        self._append(plan, restack)
         self.pending = (np.zeros(len(self.sources)), np.zeros(len(self.sources)))
         self.pending_steps = 0
         return decision
@@ -321,10 +326,11 @@ class OnlineSchedule(MixtureSchedule):
             if int(saved["window"]) != number:
                 raise ValueError(f"online plan history decision {number} is for window {saved['window']}")
             decision = self._decide(np.array(saved["loss_sums"], dtype=np.float64),
-                                    np.array(saved["token_counts"], dtype=np.float64))
+                                    np.array(saved["token_counts"], dtype=np.float64), restack=False)
             if not np.array_equal(decision.probs, np.array(saved["probs"], dtype=np.float64)):
                 raise ValueError(f"online plan history: replaying decision {number} gives other probabilities "
                                  "than the checkpoint stored (the controller or its prior changed)")
+        self._restack()
         pending = state["pending"]
         self.pending = (np.array(pending["loss_sums"], dtype=np.float64),
                         np.array(pending["token_counts"], dtype=np.float64))

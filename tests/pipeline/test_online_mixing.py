@@ -288,6 +288,17 @@ def test_bad_composition_and_observations_raise_named_errors():
         MixtureSampler(Temperature(2.0), DOCS, 8, 20).observe_losses(0, np.ones(4), np.ones(4))
 
 
+def test_allow_mismatch_cannot_restart_an_online_history_on_another_stream():
+    from types import SimpleNamespace
+
+    from pipeline.data.datamodule import MixtureDataModule
+
+    sampler = MixtureSampler(Compose([OnlineBandit(update_every=2)]), DOCS, 8, 20)
+    module = SimpleNamespace(restart_stream_on_load=True, sampler=sampler, start_step=0)
+    with pytest.raises(ValueError, match="cannot restart an online mixture"):
+        MixtureDataModule.load_state_dict(module, {"sampler": {"step": 4}})
+
+
 # -- ranks with different local losses agree -----------------------------------------------------
 def _agree_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
