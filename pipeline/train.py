@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> dict:
         assemble.log_run_start(logger, cfg, report)
         status = "completed"
         try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            assemble.fit(trainer, model, datamodule, ckpt_path)  # (validates if a resume trained nothing)
             status = results.end_status(trainer.global_step, cfg.run.total_steps)  # or "stopped: max_steps N of M"
         except BaseException as error:  # preempted / diverged / failed: exit status 1, said in results.json
             status = results.failure_status(error)

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.sampling.batch_geometry import BatchGeometry, geometry_for_trainer
-from pipeline.training.callbacks import build_callbacks
+from pipeline.training.callbacks import ValidateAtStop, build_callbacks
 from pipeline.training.checkpointing import (
     AtomicCheckpointIO,
     check_resume_identity,
@@ -112,3 +112,19 @@ def build_trainer(cfg: DictConfig, output_dir: Path, identity: dict[str, Any],
         every = min(cfg.evaluation.every_n_steps, cfg.run.total_steps)
         trainer.val_check_interval = every * trainer.accumulate_grad_batches
     return trainer
+
+
+def fit(trainer: pl.Trainer, model, datamodule, ckpt_path: str | None) -> None:
+    """`trainer.fit`, then one validation pass if this invocation validated nothing.
+
+    A resume from the run's final checkpoint trains no step, so Lightning never reaches the
+    end of an epoch and never validates; the results.json written next would otherwise
+    replace the measured losses with nulls. The pass is on the restored weights.
+    """
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    validation = next((c for c in trainer.callbacks if isinstance(c, ValidateAtStop)), None)
+    if validation is not None and validation.validated_at is None and trainer.global_step > 0:
+        rank_zero_info(f"no validation ran in this invocation (resumed at step {trainer.global_step}); "
+                       "validating the restored weights")
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+        validation.validated_at = trainer.global_step

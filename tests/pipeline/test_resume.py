@@ -225,6 +225,19 @@ def test_checkpoint_paths_that_cannot_resume_are_refused(tmp_path):
         resolve_checkpoint("last", checkpoints)
 
 
+
+def test_resuming_a_finished_run_keeps_its_measured_losses(full_run, compose_config, demo_data):
+    """ckpt_path=last on a run that already finished trains nothing; its results.json is
+    rewritten from one validation pass on the restored weights, not with null losses."""
+    before = json.loads((full_run / "results.json").read_text())
+    again = _run(compose_config, demo_data, full_run, "ckpt_path=last")
+    assert again["status"] == "completed" and again["global_steps"] == 2 * HALF
+    assert again["validated_at_step"] == 2 * HALF
+    assert again["metrics"]["val/loss"] == pytest.approx(before["metrics"]["val/loss"], rel=1e-6)
+    for name, source in before["sources"].items():
+        assert again["sources"][name]["val_loss"] == pytest.approx(source["val_loss"], rel=1e-6), name
+        assert again["sources"][name]["samples_seen"] == source["samples_seen"], name
+
 # -- resume mismatches -------------------------------------------------------------------------
 
 @pytest.fixture
