@@ -16,6 +16,14 @@ no 1/p importance weight is needed. The reward r_i is the window's mean token lo
 source i, or, with ``reference_losses`` (DoReMi, Xie et al. 2023, in its online, bandit
 form rather than group DRO), the excess loss max(r_i - reference_i, 0).
 
+Epoch caps (``max_epochs``, as UniMax's): a loss-driven controller favours the small, hard
+sources, so it would repeat a 20-document source hundreds of times. With a cap, each decided
+window's probabilities are water-filled under each source's remaining budget (max_epochs x
+documents minus the draws the decided windows already plan for it), the excess going to the
+other sources in proportion; when the budgets left cannot fill a window, the caps are lifted
+for it (the run is longer than the sources allow). A cap overrides the exploration floor: an
+exhausted source gets probability 0.
+
 Everything here is pure: `OnlineBandit.update` maps (state, observed losses) to the next
 state and `OnlineBandit.probs` maps (prior, state) to probabilities, with no RNG. The run's
 decisions (what was observed, what was decided) form a plan history
@@ -76,11 +84,13 @@ class OnlineBandit(MixingStage):
         smoothing: alpha in [0, 1): weight of the previous reward (0 = the last window only).
         reference_losses: optional {source: loss} of a reference run; rewards become the
             excess loss max(loss - reference, 0) (every source needs a finite value).
+        max_epochs: optional cap on the passes over each source (counted in the sampler's
+            documents), applied to every decided window.
     """
 
     def __init__(self, lr: float = 1.0, exploration: float = 0.1, update_every: int = 20,
                  lag_windows: int = 1, smoothing: float = 0.9,
-                 reference_losses: Mapping[str, float] | None = None):
+                 reference_losses: Mapping[str, float] | None = None, max_epochs: float | None = None):
         self.lr = _positive_finite(lr, "online bandit lr (controller learning rate)")
         exploration = float(exploration)
         if math.isnan(exploration) or not 0.0 < exploration <= 1.0:
@@ -99,6 +109,7 @@ class OnlineBandit(MixingStage):
                 if not math.isfinite(value):
                     raise ValueError(f"online bandit reference loss of source {name!r} must be finite, got {value!r}")
             self.reference_losses = reference
+        self.max_epochs = None if max_epochs is None else _positive_finite(max_epochs, "online bandit max_epochs")
 
     # -- the stage: the initial plan -----------------------------------------------------------
     def apply(self, sizes: Mapping[str, float], progress: float, previous: MixturePlan | None) -> MixturePlan:
@@ -129,6 +140,28 @@ class OnlineBandit(MixingStage):
         weights = np.exp(logits)
         probs = (1.0 - self.exploration) * weights / weights.sum() + self.exploration / len(prior)
         return probs / probs.sum()
+
+    def capped(self, probs: np.ndarray, limit: np.ndarray) -> np.ndarray:
+        """`probs` water-filled under per-source upper bounds `limit` (S,): capped sources get
+        their bound, the excess goes to the others in proportion. If the bounds sum below 1,
+        `probs` unchanged (the caps cannot all hold)."""
+        limit = np.maximum(np.asarray(limit, dtype=np.float64), 0.0)
+        if limit.sum() < 1.0:
+            return probs
+        capped = np.asarray(probs, dtype=np.float64).copy()
+        fixed = np.zeros(len(capped), dtype=bool)
+        for _ in range(len(capped)):
+            over = ~fixed & (capped > limit)
+            if not over.any():
+                break
+            fixed |= over
+            capped[fixed] = limit[fixed]
+            free = ~fixed
+            if not free.any():
+                break
+            # The fixed bounds sum below 1 (each was below its source's share of a total of 1).
+            capped[free] *= (1.0 - capped[fixed].sum()) / capped[free].sum()
+        return capped / capped.sum()
 
     def check_sources(self, names: tuple[str, ...]) -> None:
         """ValueError if the reference losses do not name exactly these sources."""

@@ -111,8 +111,10 @@ class MixtureSchedule:
 
 
 def make_schedule(stage: MixingStage, sizes: Mapping[str, float], total_steps: int,
-                  update_steps: int | None = None) -> MixtureSchedule:
+                  update_steps: int | None = None, global_batch_size: int | None = None,
+                  num_documents: Mapping[str, int] | None = None) -> MixtureSchedule:
     """`OnlineSchedule` when the stage list ends with an `OnlineBandit`, else `MixtureSchedule`.
+    `global_batch_size` and `num_documents` (what a draw is) are needed by the bandit's epoch cap.
 
     Raises:
         ValueError: an `OnlineBandit` anywhere but last (a later stage would overwrite the
@@ -125,7 +127,7 @@ def make_schedule(stage: MixingStage, sizes: Mapping[str, float], total_steps: i
     if online != [len(stages) - 1]:
         raise ValueError(f"the OnlineBandit stage must be the last mixing stage (found at position(s) {online} "
                          f"of {len(stages)}; balance=m4 appends a stage after it and is not supported with it)")
-    return OnlineSchedule(stages[:-1], stages[-1], sizes, total_steps)
+    return OnlineSchedule(stages[:-1], stages[-1], sizes, total_steps, global_batch_size, num_documents)
 
 
 @dataclass(frozen=True)
@@ -156,12 +158,19 @@ class OnlineSchedule(MixtureSchedule):
     adaptive = True
 
     def __init__(self, left: list[MixingStage], bandit: OnlineBandit, sizes: Mapping[str, float],
-                 total_steps: int):
+                 total_steps: int, global_batch_size: int | None = None,
+                 num_documents: Mapping[str, int] | None = None):
         if int(total_steps) < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
         self.total_steps = int(total_steps)
         self.sources, _ = validate_sizes(sizes)
         bandit.check_sources(self.sources)
+        self.budget = None  # (S,) draws each source may take over the run (the epoch cap)
+        if bandit.max_epochs is not None:
+            if global_batch_size is None or num_documents is None:
+                raise ValueError("OnlineBandit max_epochs needs the global batch size and document counts")
+            self.draws_per_window = float(global_batch_size) * bandit.update_every
+            self.budget = bandit.max_epochs * np.array([float(num_documents[n]) for n in self.sources])
         self.sizes = {name: sizes[name] for name in self.sources}
         self.left = Compose(left) if left else None
         self.bandit = bandit
@@ -181,17 +190,26 @@ class OnlineSchedule(MixtureSchedule):
         self.state = self.bandit.initial_state(num)
         self.decisions: list[Decision] = []
         self.plans: list[MixturePlan] = []
+        self._probability_mass = np.zeros(num)  # (S,) sum of the decided windows' probabilities
         self.boundaries = np.zeros(0, dtype=np.int64)
         for window in range(1 + self.lag_windows):
-            self._append(self._plan_for(window, self.state))
+            self._append(self._plan_for(window, self.state, capped=False))
         self.pending = (np.zeros(num), np.zeros(num))
         self.pending_steps = 0
         self._prior_cache: dict[int, MixturePlan] = {}
 
-    def _plan_for(self, window: int, state: BanditState) -> MixturePlan:
+    def _plan_for(self, window: int, state: BanditState, capped: bool = True) -> MixturePlan:
+        """Window `window`'s plan for controller state `state`; a decided window (`capped`)
+        also honours the epoch cap given the draws the windows before it plan."""
         progress = min(1.0, window * self.update_steps / self.total_steps)
         previous = None if self.left is None else self.left.apply(self.sizes, progress, None)
-        return self.bandit.plan_from(self.bandit.prior(self.sources, previous), state.rewards, previous)
+        plan = self.bandit.plan_from(self.bandit.prior(self.sources, previous), state.rewards, previous)
+        if self.budget is None or not capped:
+            return plan
+        assert window == len(self.plans)  # the plans before it are decided
+        limit = (self.budget - self._probability_mass * self.draws_per_window) / self.draws_per_window
+        return MixturePlan(plan.sources, self.bandit.capped(plan.sample_probs, limit), plan.loss_weights,
+                           plan.example_keep, plan.example_weights)
 
     def _append(self, plan: MixturePlan, restack: bool = True) -> None:
         """Append one window's plan; the arrays keep a sentinel row (the last plan) at the
@@ -201,6 +219,7 @@ class OnlineSchedule(MixtureSchedule):
         if plan.sources != self.sources:
             raise ValueError(f"stage returned sources {plan.sources}, expected {self.sources}")
         self.plans.append(plan)
+        self._probability_mass = self._probability_mass + plan.sample_probs  # in window order: same bits on replay
         if restack:
             self._restack()
 
@@ -233,7 +252,8 @@ class OnlineSchedule(MixtureSchedule):
             return self.plans[window]
         cached = self._prior_cache.get(window)
         if cached is None:
-            cached = self._prior_cache[window] = self._plan_for(window, self.bandit.initial_state(len(self.sources)))
+            cached = self._prior_cache[window] = self._plan_for(window, self.bandit.initial_state(len(self.sources)),
+                                                                capped=False)
         return cached
 
     def check_decided(self, stop_step: int) -> None:

@@ -115,7 +115,8 @@ class MixtureSampler:
         self.seed = int(seed)
         self.mode = mode
         sizes = {name: (mixture_sizes or num_documents)[name] for name in names}
-        self.schedule = make_schedule(stage, sizes, total_steps, update_steps)
+        self.schedule = make_schedule(stage, sizes, total_steps, update_steps, self.global_batch_size,
+                                      dict(zip(names, self.total_documents.tolist(), strict=True)))
         self.online = self.schedule.adaptive
         self.kept = self._kept_examples()
         self.num_documents = self.total_documents.copy()

@@ -268,6 +268,7 @@ def test_the_report_shows_the_initial_plan_and_says_it_adapts():
     ({"lag_windows": 0}, "lag_windows must be an integer >= 1"),
     ({"smoothing": 1.0}, r"smoothing must be in \[0, 1\)"),
     ({"reference_losses": {"big": float("inf")}}, "reference loss of source 'big'"),
+    ({"max_epochs": 0.0}, "max_epochs must be a finite number > 0"),
 ])
 def test_bad_controller_parameters_raise_named_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -452,3 +453,28 @@ def test_two_ranks_agree_and_a_resume_at_one_rank_replays_their_history(demo_dat
                 for s, i in zip(sampler.global_batch(t).source.tolist(), sampler.global_batch(t).index.tolist(),
                                 strict=True)]
     assert read_consumed(out / "consumed") == expected
+
+
+def test_the_epoch_cap_bounds_the_draws_of_hard_small_sources():
+    """"tiny" (7 documents) has the highest loss: uncapped, the bandit draws it for ~40 epochs;
+    with max_epochs=3 its planned draws stay within 3 x 7 (the exact allocator keeps the actual
+    draws within one of the plan), the others take the excess, and a replay gives the same bits."""
+    def run(max_epochs):
+        sampler = MixtureSampler(Compose([OnlineBandit(lr=3.0, update_every=2, max_epochs=max_epochs)]),
+                                 DOCS, 8, 40, seed=2)
+        for step in range(40):
+            counts = np.full(4, 10.0)
+            sampler.observe_losses(step, counts * np.array([2.0, 2.0, 3.0, 6.0]), counts)
+        return sampler
+
+    free, capped = run(None), run(3.0)
+    assert free.draw_counts(40)[3] > 10 * 7
+    counts = capped.draw_counts(40)
+    assert counts[3] <= 3 * 7 + 1 and counts.sum() == 8 * 40
+    assert np.allclose(capped.schedule.probs.sum(1), 1.0)
+    replayed = MixtureSampler(Compose([OnlineBandit(lr=3.0, update_every=2, max_epochs=3.0)]), DOCS, 8, 40, seed=2)
+    replayed.load_state_dict(capped.state_dict(40))
+    assert np.array_equal(replayed.schedule.probs, capped.schedule.probs)
+    np.testing.assert_allclose(OnlineBandit().capped(np.array([0.7, 0.2, 0.1]), np.array([0.3, 1.0, 1.0])),
+                               [0.3, 0.2 + 0.4 * 2 / 3, 0.1 + 0.4 / 3])
+    np.testing.assert_array_equal(OnlineBandit().capped(np.array([0.5, 0.5]), np.array([0.2, 0.2])), [0.5, 0.5])
