@@ -35,3 +35,14 @@ def demo_data(tmp_path_factory):
 def compose_config():
     """`compose(overrides)` as a fixture (conftest is not importable in importlib mode)."""
     return compose
+
+
+@pytest.fixture
+def one_thread():
+    """Fixed thread count: float32 CPU reductions may group differently with more threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -347,14 +347,6 @@ RUN = ["experiment=demo", "mixture=online_bandit", f"mixture.stages.0.update_eve
        "evaluation.every_n_steps=null", "model.schedule.warmup_steps=2", "record_consumed=true"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(compose_config, demo_data, out: Path, *overrides: str) -> dict:
     from pipeline.train import train
 

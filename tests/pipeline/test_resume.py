@@ -44,15 +44,6 @@ RUN = ["experiment=demo", f"run.total_steps={2 * HALF}", "run.global_batch_size=
        "model.schedule.warmup_steps=2"]
 
 
-@pytest.fixture
-def one_thread():
-    """Fixed thread count: float32 CPU reductions may group differently with more threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(compose_config, demo_data, out: Path, *overrides: str) -> dict:
     return train(compose_config([*RUN, f"cache_dir={demo_data[0].cache_dir}", f"output_dir={out}", *overrides]))
 
