@@ -47,9 +47,15 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     HAS_TRITON = False
 
 # Chunked path: C = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 V)) non-ignored rows per chunk,
-# capped at N. One (C, V) fp32 buffer is allocated per call and reused by every chunk
-# (plus a second one for 1 - tanh^2 when softcap is on): 32 MiB at V <= 32768 (C = 262 at
-# V = 32000), C = 256 rows above (64 MiB at V = 65536, 256 MiB at V = 262144). Why a row
+# rounded down to a multiple of CHUNK_ROW_MULTIPLE, capped at N. One (C, V) fp32 buffer is
+# allocated per call and reused by every chunk (plus a second one for 1 - tanh^2 when
+# softcap is on): <= 32 MiB at V <= 32768 (C = 256 at V = 32000: 31.25 MiB), C = 256 rows
+# above (64 MiB at V = 65536, 256 MiB at V = 262144). Why a multiple of 32: the logits
+# product writes a (V, C) block with leading dimension C, and BLAS ran the forward product
+# at C = 262 (the unrounded 32 MiB size at V = 32000) 1.5x slower than at C = 256, 264 or
+# 512, and than one full-N product (N = 3686, H = 512, one thread: 3.14 s vs 1.98-2.10 s
+# for the 14-15 chunks; the other two products were unaffected); that was CCE's one-thread lead
+# at V = 32000 (docs/BENCHMARKS.md, "Issue 15, CPU against CCE"). Why a row
 # floor: each chunk runs three (C, H) x (H, V)-sized matmuls, and at 32-65 rows (the old
 # 8 MiB budget at V = 65536) BLAS runs well below its large-matrix speed and the many small
 # ops pay thread-pool barriers on a shared machine (measured 2.2x naive there). Why reuse
@@ -60,12 +66,14 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 # (N, V) logits, log-softmax and its gradient: 3 x 0.5 GiB.
 CHUNK_BYTES = 32 << 20
 MIN_CHUNK_ROWS = 256
+CHUNK_ROW_MULTIPLE = 32
 
 
 def default_chunk_size(num_rows: int, vocab: int) -> int:
-    """Rows per chunk: a (C, V) fp32 buffer of CHUNK_BYTES, but at least MIN_CHUNK_ROWS rows."""
-    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * max(vocab, 1)))
-    return max(1, min(num_rows, rows))
+    """Rows per chunk: a (C, V) fp32 buffer of at most CHUNK_BYTES, C a multiple of
+    CHUNK_ROW_MULTIPLE, but at least MIN_CHUNK_ROWS rows (and never more than num_rows)."""
+    rows = CHUNK_BYTES // (4 * max(vocab, 1)) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
+    return max(1, min(num_rows, max(MIN_CHUNK_ROWS, rows)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -674,7 +682,7 @@ def fused_linear_cross_entropy(
         impl: "auto" (triton on CUDA, chunked otherwise) | "torch" (the reference, N x V) |
             "chunked" (PyTorch, chunks of rows) | "triton" (raises if it cannot run).
         chunk_size: rows per chunk for impl="chunked" (default: default_chunk_size, a
-            32 MiB (C, V) fp32 buffer but at least 256 rows).
+            <= 32 MiB (C, V) fp32 buffer, a multiple of 32 rows, at least 256 rows).
 
     Returns:
         Scalar (or (N,) for "none"); float32 for half inputs, else the input dtype.

@@ -8,6 +8,9 @@
     .venv/bin/python scripts/bench_kernels.py --threads 1  # one torch thread per worker
     /tmp/venv-cce/bin/python scripts/bench_kernels.py     # adds a "cce" row where the
                                                          #   cut-cross-entropy package imports
+    /tmp/venv-cce/bin/python scripts/bench_kernels.py --interleaved --cases flce \
+        --repeats 5 --chunk-sizes 262  # naive, ours, ours at 262 rows per chunk and CCE
+                                       #   timed alternately in one process per case
 
 CCE (apple/ml-cross-entropy, `pip install cut-cross-entropy`) is measured beside naive and
 ours in the same run when `import cut_cross_entropy` works in the interpreter running this
@@ -111,11 +114,14 @@ def _build(spec, impl, device):
                 per_token = linear_cross_entropy(hidden, weight, target, impl="torch_compile",
                                                  reduction="none")
                 return (per_token * token_weight).sum() / count
-        else:
+        else:  # "chunked", "chunked:<rows per chunk>" or "triton"
+            kind, _, rows = impl.partition(":")
+
             def run():
                 return fused_linear_cross_entropy(hidden, weight, target,
                                                   token_weight=token_weight,
-                                                  normalizer=count, impl=impl)
+                                                  normalizer=count, impl=kind,
+                                                  chunk_size=int(rows) if rows else None)
         return run, leaves
     b, d = spec["b"], spec["d"]
     image = F.normalize(torch.randn(b, d, **kw), dim=1).requires_grad_(True)
@@ -174,6 +180,59 @@ def worker(spec: dict, impl: str) -> dict:
             "method": method}
 
 
+def interleaved_worker(spec: dict, impls: list[str]) -> dict:
+    """Every impl of one case in this one process, alternating: round r runs them in order
+    (r even) or reversed (r odd), so a change in machine load hits every impl alike.
+    Returns {impl: [seconds per round]}. No memory figures (one process holds them all)."""
+    import time
+
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    runs = {}
+    for impl in impls:
+        run, leaves = _build(spec, impl, "cpu")
+        torch.autograd.grad(run(), leaves)  # warm-up (and CCE's compile) at the full shape
+        runs[impl] = (run, leaves)
+    times = {impl: [] for impl in impls}
+    for r in range(spec["repeats"]):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            run, leaves = runs[impl]
+            started = time.perf_counter()
+            torch.autograd.grad(run(), leaves)
+            times[impl].append(time.perf_counter() - started)
+    return times
+
+
+def interleaved(cases: dict, impls: list[str]) -> list[dict]:
+    """--interleaved: per case, one worker times every impl alternately; ratios of medians."""
+    import statistics
+
+    rows = []
+    for name, spec in cases.items():
+        if spec["op"] != "flce":
+            continue
+        cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "interleaved:" +
+               ",".join(impls)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                              env=worker_env())
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} / interleaved failed:\n{proc.stderr[-3000:]}")
+        times = json.loads(proc.stdout.strip().splitlines()[-1])
+        med = {impl: statistics.median(ts) for impl, ts in times.items()}
+        for impl in impls:
+            row = dict(case=name, impl=impl, median_s=med[impl], times_s=times[impl],
+                       per_naive=med[impl] / med["naive"],
+                       per_cce=med[impl] / med["cce"] if "cce" in med else None)
+            rows.append(row)
+            print(f"  {name:30s} {impl:14s} median {med[impl]:7.2f} s  / naive "
+                  f"{row['per_naive']:.3f}" + (f"  / cce {row['per_cce']:.3f}"
+                                               if row["per_cce"] is not None else "")
+                  + f"  (rounds {', '.join(f'{t:.2f}' for t in times[impl])})", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------- driver side
 
 
@@ -208,11 +267,23 @@ def main() -> None:
     parser.add_argument("--cases", help="only the cases whose name contains this text "
                                             "(e.g. 'V=65536', 'softmax')")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="flce cases only: naive, ours (and CCE) timed alternately in one "
+                             "process per case, medians and ratios; no memory figures")
+    parser.add_argument("--chunk-sizes",
+                        help="with --interleaved: also time impl='chunked' at these rows per "
+                             "chunk (comma-separated), beside the default")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker[0]), args.worker[1])))
+        spec, impl = json.loads(args.worker[0]), args.worker[1]
+        if impl.startswith("interleaved:"):
+            print(json.dumps(interleaved_worker(spec, impl.split(":", 1)[1].split(","))))
+        else:
+            print(json.dumps(worker(spec, impl)))
         return
+    if args.chunk_sizes and not args.interleaved:
+        parser.error("--chunk-sizes needs --interleaved")
 
     import torch
 
@@ -241,6 +312,14 @@ def main() -> None:
           f"{load_average()} at start", flush=True)
     print("CCE: " + (f"skipped ({cce_reason})" if cce_reason else
                      "measured (cut_cross_entropy, impl='torch_compile' on CPU)"), flush=True)
+    if args.interleaved:
+        extra = [f"chunked:{int(c)}" for c in args.chunk_sizes.split(",")] if args.chunk_sizes else []
+        rows = interleaved(cases, ["naive", "chunked", *extra] + (["cce"] if not cce_reason
+                                                                   else []))
+        print(f"\nload average {load_average()} at end")
+        if args.json:
+            write_json(args.json, rows)
+        return
     rows = []
     for name, spec in cases.items():
         results = {}

@@ -144,7 +144,10 @@ def test_chunked_handles_strided_inputs(reduction, ignored):
 
 
 def test_default_chunk_size_has_a_byte_budget_and_a_row_floor():
-    assert default_chunk_size(4096, 32000) == 262  # 32 MiB of fp32 logits
+    # 32 MiB / (4 * 32000) = 262 rows, rounded down to a multiple of 32: BLAS ran the
+    # logits product 1.5x slower at 262 rows than at 256 (docs/BENCHMARKS.md).
+    assert default_chunk_size(4096, 32000) == 256
+    assert default_chunk_size(10**6, 1000) == 8384  # 8388 rounded down to a multiple of 32
     assert default_chunk_size(4096, 65536) == 256  # the floor: 64 MiB
     assert default_chunk_size(4096, 262144) == 256
     assert default_chunk_size(10**6, 8192) == 1024
