@@ -271,6 +271,23 @@ TATOEBA_SWEEP = (
     "gsw,ast,ang,cha,xho,amh,fry,tuk,jav,awa]' run.total_steps=400 run.global_batch_size=64 logger=csv "
     "trainer.enable_progress_bar=false progress=false evaluation.every_n_steps=100 "
     "checkpoint.every_n_steps=100000 hydra.sweep.dir=sweeps/tatoeba_upweight")
+TATOEBA_LANGS = "eng,afr,ara,aze,bel,ben,ber,bre,bul,cat,cbk,ces,tzl,swg,gsw,ast,ang,cha,xho,amh,fry,tuk,jav,awa"
+TATOEBA_GROUPS = ("--group high=eng,afr,ara,aze,bel,ben,ber,bre,bul,cat,cbk,ces "
+                  "--group low=tzl,swg,gsw,ast,ang,cha,xho,amh,fry,tuk,jav,awa")
+TATOEBA_SEARCH = (
+    "OMP_NUM_THREADS=1 .venv/bin/python scripts/search_mixture.py --out sweeps/compare/search --num-mixtures 10 "
+    f"--seed 0 {TATOEBA_GROUPS} --tau 5 --max-epochs 8 --budget 6400 experiment=tatoeba_lm model=lm_tiny "
+    f"'data.languages=[{TATOEBA_LANGS}]' run.total_steps=50 run.global_batch_size=64 logger=none "
+    "trainer.enable_progress_bar=false progress=false evaluation.every_n_steps=100 "
+    "checkpoint.every_n_steps=100000 seed=1234")
+TATOEBA_ARMS = (
+    "OMP_NUM_THREADS=1 .venv/bin/python -m pipeline.train -m experiment=tatoeba_lm model=lm_tiny "
+    "mixture=proportional,temperature_tau5,cooldown,unimax,searched,online_bandit seed=1234,1235 "
+    f"'hydra.searchpath=[file://sweeps/compare/search/conf]' 'data.languages=[{TATOEBA_LANGS}]' "
+    "run.total_steps=100 run.global_batch_size=64 logger=csv trainer.enable_progress_bar=false progress=false "
+    "evaluation.every_n_steps=100 checkpoint.every_n_steps=100000 hydra.sweep.dir=sweeps/compare/arms")
+TATOEBA_COMPARE_COLLECT = (".venv/bin/python scripts/collect_sweep.py sweeps/compare/arms "
+                           f"--out sweeps/compare/arms.csv {TATOEBA_GROUPS} --group eng=eng")
 CCE_VENV = ".venv/bin/python -m venv /tmp/venv-cce"
 CCE_PTH = 'echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/venv-cce/lib/python3.11/site-packages/zz_project_venv.pth'
 CCE_INSTALL = "/tmp/venv-cce/bin/pip install --no-deps cut-cross-entropy"
@@ -436,6 +453,18 @@ COVERAGE: dict[str, Scaled] = {
     ".venv/bin/python scripts/collect_sweep.py sweeps/tatoeba_upweight --group high=eng,afr,ara,aze,bel,ben,ber,"
     "bre,bul,cat,cbk,ces --group low=tzl,swg,gsw,ast,ang,cha,xho,amh,fry,tuk,jav,awa --group eng=eng":
         Scaled(after=(TATOEBA_SWEEP,), needs_shared=True, slow=True, check=output_contains("per group")),
+    # docs/SWEEPS.md section 6: the search on Tatoeba (8 proxies of 2 steps), the 12 arms (2 steps each), collected
+    TATOEBA_SEARCH: Scaled(append=("--num-mixtures", "8", "run.total_steps=2", "run.global_batch_size=8",
+                                   "validation.documents_per_source=2", "evaluation.every_n_steps=null",
+                                   "cache_dir={cache}"),
+                           needs_shared=True, slow=True, timeout=1800,  # prepares Tatoeba in a fresh cache
+                           check=files_exist("sweeps/compare/search/conf/mixture/searched.yaml",
+                                             "sweeps/compare/search/report.json")),
+    TATOEBA_ARMS: multirun("logger=none", "run.total_steps=2", "run.global_batch_size=8",
+                           "validation.documents_per_source=2", jobs=12, after=(TATOEBA_SEARCH,),
+                           needs_shared=True, slow=True, timeout=1800),
+    TATOEBA_COMPARE_COLLECT: Scaled(after=(TATOEBA_ARMS,), needs_shared=True, slow=True,
+                                    check=output_contains("per group")),
     # docs/BENCHMARKS.md: the CCE baseline's throwaway venv, then the kernels benchmark with it
     CCE_VENV: Scaled(replace=(("/tmp/venv-cce", "{ws}/venv-cce"),), slow=True),
     CCE_PTH: Scaled(replace=(("/tmp/venv-cce", "{ws}/venv-cce"),), after=(CCE_VENV,), slow=True),
