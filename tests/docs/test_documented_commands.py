@@ -296,7 +296,11 @@ CCE_BENCHES = ("/tmp/venv-cce/bin/python scripts/bench_kernels.py --threads 1 --
                "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases V=65536 --repeats 5",
                "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases softmax",
                "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases flce --repeats 3",
-               "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases flce --repeats 3 --threads 1")
+               "/tmp/venv-cce/bin/python scripts/bench_kernels.py --cases flce --repeats 3 --threads 1",
+               "/tmp/venv-cce/bin/python scripts/bench_kernels.py --interleaved --cases flce --repeats 5 "
+               "--chunk-sizes 262,512 --threads 1",
+               "/tmp/venv-cce/bin/python scripts/bench_kernels.py --interleaved --cases flce --repeats 5 "
+               "--chunk-sizes 262,512")
 SEARCH_MIXTURE = (".venv/bin/python scripts/search_mixture.py --out search/demo --num-mixtures 16 "
                   "--group high=eng,rus,deu --group low=san,haw,cor --objective low=2 --max-epochs 4 "
                   "experiment=demo run.total_steps=200 run.global_batch_size=16 logger=none")
@@ -494,6 +498,8 @@ COVERAGE: dict[str, Scaled] = {
         Scaled(append=("--quick", "--repeats", "1"), slow=True),
     ".venv/bin/python scripts/bench_kernels.py --json .cache/bench_kernels_t2.json":
         Scaled(append=("--quick", "--repeats", "1"), slow=True),
+    ".venv/bin/python scripts/bench_kernels.py --cases flce --repeats 1 --threads 1":
+        Scaled(append=("--quick",), slow=True),
     ".venv/bin/python scripts/bench_train.py --demo --json .cache/bench_train.json":
         Scaled(append=("--repeats", "1", "--steps", "3", "--warmup", "1"), slow=True),
     ".venv/bin/python scripts/bench_train.py --repeats 3 --steps 40 --warmup 5 --logger none":
