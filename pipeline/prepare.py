@@ -192,7 +192,6 @@ def prepare(cfg: DictConfig, progress: bool | None = None) -> tuple[PreparedCorp
     return corpus, tokenizer
 
 
-
 def prepare_once(cfg: DictConfig) -> tuple[PreparedCorpus, Tokenizer]:
     """`prepare` under a lock in `cache_dir`: every launched process of a run calls it; the
     first builds what is missing, the others wait and load (`pipeline.train`)."""
@@ -200,6 +199,7 @@ def prepare_once(cfg: DictConfig) -> tuple[PreparedCorpus, Tokenizer]:
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache / ".prepare.lock")):
         return prepare(cfg)
+
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _prepare_app(cfg: DictConfig) -> None:

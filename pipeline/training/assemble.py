@@ -30,6 +30,7 @@ from pipeline.training.strategies import is_sharded
 
 log = logging.getLogger(__name__)
 
+
 def build_logger(cfg: DictConfig, output_dir: Path):
     """The configured logger (`logger=wandb|csv|none`); wandb is offline unless told otherwise."""
     logger_cfg = cfg.get("logger")

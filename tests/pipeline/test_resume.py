@@ -94,7 +94,6 @@ def test_resumed_run_repeats_the_uninterrupted_run_exactly(full_run, compose_con
     assert sum(s["samples_seen"] for s in second["sources"].values()) == 8 * 2 * HALF
 
 
-
 def test_resume_with_another_accumulation_keeps_steps_on_global_batches(full_run, compose_config, demo_data,
                                                                         tmp_path):
     """Accumulation 2 -> 4 at the resume (as W=2 -> W=1 does): Lightning's restored micro-batch
@@ -110,6 +109,7 @@ def test_resume_with_another_accumulation_keeps_steps_on_global_batches(full_run
     # Same global batches; only the micro-batch split (summation order) differs.
     torch.testing.assert_close(torch.tensor(_losses(out, 0) + _losses(out, 1)), torch.tensor(_losses(full_run)),
                                rtol=1e-5, atol=0)
+
 
 # The packages that decide the embedded corpus and the tokenizer (and so the golden tokens).
 GOLDEN_ENVIRONMENT = ("babel", "sentencepiece", "torch")
@@ -216,7 +216,6 @@ def test_checkpoint_paths_that_cannot_resume_are_refused(tmp_path):
         resolve_checkpoint("last", checkpoints)
 
 
-
 def test_resuming_a_finished_run_keeps_its_measured_losses(full_run, compose_config, demo_data):
     """ckpt_path=last on a run that already finished trains nothing; its results.json is
     rewritten from one validation pass on the restored weights, not with null losses."""
@@ -230,6 +229,7 @@ def test_resuming_a_finished_run_keeps_its_measured_losses(full_run, compose_con
         assert again["sources"][name]["samples_seen"] == source["samples_seen"], name
 
 # -- resume mismatches -------------------------------------------------------------------------
+
 
 @pytest.fixture
 def short_run(compose_config, demo_data, tmp_path) -> Path:

@@ -58,7 +58,6 @@ def test_results_account_for_every_token(compose_config, demo_data, tmp_path):
     assert mixture_table[0].startswith("source,") and len(mixture_table) == 1 + len(sources)
 
 
-
 def test_a_single_source_trains_logs_and_resumes(compose_config, demo_data, tmp_path):
     """One source: torchmetrics squeezes (1,) results to 0-d; logging, checkpoints, resume and
     results must still see one per-source entry."""
@@ -72,6 +71,7 @@ def test_a_single_source_trains_logs_and_resumes(compose_config, demo_data, tmp_
     assert list(record["sources"]) == ["eng"]
     assert record["sources"]["eng"]["samples_seen"] == 4 * 8  # counts continue across the resume
     assert 0 < record["sources"]["eng"]["val_loss"] < 20
+
 
 def test_wandb_logger_runs_offline(compose_config, demo_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

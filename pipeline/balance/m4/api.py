@@ -294,7 +294,6 @@ def examples_from_columns(table, attribute_columns: Sequence[str], label_columns
     return attributes, labels, utility
 
 
-
 # ----------------------------------------------------------------------------- q files
 
 
