@@ -70,6 +70,7 @@ from pipeline.scaling.regmix import (
     with_max_increase,
 )
 from pipeline.storage.atomic import atomic_write, atomic_write_json
+from pipeline.training.results import strict_json
 
 PREFIX = "search_"
 # Overrides the search sets itself for every proxy.
@@ -241,21 +242,6 @@ def _num(value) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
-def _finite(value):
-    """Strict JSON: NaN/inf as null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _finite(value.tolist())
-    if isinstance(value, np.floating | np.integer):
-        return _finite(value.item())
-    return value
-
-
 def search(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     overrides = list(args.overrides)
@@ -301,7 +287,7 @@ def search(args: argparse.Namespace) -> int:
                              f"{previous.get(changed[0])!r} there, {settings[changed[0]]!r} now); "
                              "use another --out or the same settings")
     mixtures = {proxy_name(k): dict(zip(domains, row.tolist(), strict=True)) for k, row in enumerate(draws)}
-    atomic_write_json(state_path, _finite({"settings": settings, "sizes": sizes, "mixtures": mixtures}), indent=2)
+    atomic_write_json(state_path, strict_json({"settings": settings, "sizes": sizes, "mixtures": mixtures}), indent=2)
     for name, probs in mixtures.items():
         comment = (f"mixture search proxy {name} (pipeline/cli/search_mixture.py), seed {args.seed}\n"
                    "per domain: " + ", ".join(f"{d}={p:.4f}" for d, p in probs.items()))
@@ -412,7 +398,7 @@ def search(args: argparse.Namespace) -> int:
         "caps": dict(zip(domains, caps.tolist(), strict=True)), "max_increase": args.max_increase,
         "proxies": {n: {"mixture": mixtures[n], "losses": losses.get(n)} for n in mixtures},
     }
-    atomic_write_json(out / "report.json", _finite(report), indent=2)
+    atomic_write_json(out / "report.json", strict_json(report), indent=2)
     text = markdown_report(report)
     atomic_write(out / "report.md", lambda stream: stream.write(text))
     print(text)

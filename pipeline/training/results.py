@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.evaluation.metrics import source_key
@@ -120,6 +121,10 @@ def strict_json(value: Any) -> Any:
         return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [strict_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return strict_json(value.tolist())
+    if isinstance(value, np.floating | np.integer):
+        return strict_json(value.item())
     return value
 
 

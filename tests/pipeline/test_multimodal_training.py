@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config.compose import compose_config
 from pipeline.config.data import image_text_datamodule_from_config
 from pipeline.models.contrastive import contrastive_objective, rowwise_losses
 from pipeline.prepare import prepare
@@ -23,16 +24,10 @@ SMALL = ["experiment=demo_multimodal", "data.sizes={eng:240,fra:120,deu:60}", "d
          "model.image_tower.n_layers=1", "model.text_tower.n_layers=1"]
 
 
-def _compose(overrides):
-    from pipeline.config.compose import compose_config
-
-    return compose_config(overrides)
-
-
 @pytest.fixture(scope="module")
 def mm(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "multimodal_cache"
-    cfg = _compose([*SMALL, f"cache_dir={cache}"])
+    cfg = compose_config([*SMALL, f"cache_dir={cache}"])
     corpus, tokenizer = prepare(cfg, progress=False)
     return cfg, corpus, tokenizer
 
