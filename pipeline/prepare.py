@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_recipes.base import Recipe
 from pipeline.config import CONFIG_DIR, check_targets
+from pipeline.config.data import loader_unit
 from pipeline.data.build_corpus import prepare_sources
 from pipeline.data.corpus import PreparedCorpus
 from pipeline.data.token_stats import count_tokens
@@ -141,7 +142,8 @@ def prepare_options(cfg: Any) -> dict[str, Any]:
 def prepare(cfg: DictConfig, progress: bool | None = None) -> tuple[PreparedCorpus, Tokenizer]:
     """Prepare ``cfg.data``, train/load ``cfg.tokenizer``, attach token counts, log a table.
 
-    With ``prepare.pretokenize``, every source is also tokenised once into a memory-mapped token
+    With ``prepare.pretokenize`` (implied by ``loader.unit=window``, which reads the stores),
+    every source is also tokenised once into a memory-mapped token
     store (``prepare.workers`` processes; :mod:`pipeline.data.token_store`), set as
     ``corpus.token_stores``, and the token counts are read from the stores. With
     ``prepare.shard`` / ``prepare.num_shards`` only that task's share of the stores is encoded
@@ -159,6 +161,8 @@ def prepare(cfg: DictConfig, progress: bool | None = None) -> tuple[PreparedCorp
         progress = bool(OmegaConf.select(cfg, "progress", default=True))
     cache_dir = Path(OmegaConf.select(cfg, "cache_dir", default=".cache/mixpipe"))
     options = prepare_options(cfg)
+    if loader_unit(cfg) == "window":
+        options["pretokenize"] = True
     recipe = build_recipe(cfg.data)
     tok_config = build_tokenizer_config(OmegaConf.select(cfg, "tokenizer"))
     corpus = prepare_sources(recipe, cache_dir, progress=progress)

@@ -13,8 +13,7 @@ import logging
 import hydra
 
 from pipeline.config import CONFIG_DIR
-from pipeline.config.data import build_sampler_for
-from pipeline.config.mixing import mixture_sizes
+from pipeline.config.data import build_sampler_for, build_split, selected_sources, source_windows, stage_sizes
 from pipeline.mixing.report import MixtureReport, build_report, format_report
 from pipeline.prepare import prepare
 
@@ -23,11 +22,14 @@ log = logging.getLogger(__name__)
 
 def report_for_config(cfg) -> tuple[MixtureReport, str]:
     """Prepare (cached) the configured data, build the sampler and its report."""
-    corpus, _ = prepare(cfg)
-    sampler = build_sampler_for(cfg, corpus)
-    sizes = mixture_sizes(cfg.mixture, corpus.sizes)
-    report = build_report(sampler, sizes, cfg.mixture.get("size_unit", "documents"),
-                          cfg.get("report", {}).get("max_epochs", 10.0))
+    corpus, tokenizer = prepare(cfg)
+    names = selected_sources(cfg, corpus)
+    windows = source_windows(cfg, corpus, tokenizer, names)
+    split = build_split(cfg, corpus, names, windows)
+    sampler = build_sampler_for(cfg, corpus, split, windows=windows)
+    report = build_report(sampler, stage_sizes(cfg, corpus, split, windows=windows),
+                          cfg.mixture.get("size_unit", "documents"), cfg.get("report", {}).get("max_epochs", 10.0),
+                          draw_unit="windows" if windows else "documents")
     return report, format_report(report)
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from pipeline.config import CONFIG_DIR, check_targets
-from pipeline.config.data import datamodule_from_config
+from pipeline.config.data import datamodule_from_config, loader_unit
 from pipeline.config.models import build_model
 from pipeline.mixing.report import build_report, format_report
 from pipeline.prepare import prepare_once
@@ -29,6 +29,7 @@ def train(cfg: DictConfig) -> dict:
     """Run one training job; returns the results record (also written to results.json)."""
     started = time.time()
     geometry = geometry_from_config(cfg)  # batch sizes checked before any data or process
+    loader_unit(cfg)  # loader.unit and its combination with loader.pack, likewise
     check_targets(cfg)  # mixture stage and data recipe keys against their _target_
     output_dir = assemble.output_dir_of(cfg)
     # One job per output_dir; no fresh run over an old one (overwrite=true, ckpt_path resume).
@@ -36,7 +37,8 @@ def train(cfg: DictConfig) -> dict:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         corpus, tokenizer = prepare_once(cfg)  # every process: one builds, the others load
         datamodule = datamodule_from_config(cfg, corpus, tokenizer)
-        report = build_report(datamodule.sampler, size_unit=cfg.mixture.size_unit, max_epochs=cfg.report.max_epochs)
+        report = build_report(datamodule.sampler, size_unit=cfg.mixture.size_unit, max_epochs=cfg.report.max_epochs,
+                              draw_unit="windows" if getattr(datamodule, "windows", None) else "documents")
         rank_zero_info("\n" + format_report(report))
         identity = run_identity(cfg, datamodule, tokenizer)
         ckpt_path, datamodule.restart_stream_on_load = assemble.resume_checkpoint(cfg, output_dir, identity)

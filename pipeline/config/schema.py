@@ -49,6 +49,11 @@ class SamplerMode(StrEnum):
     stochastic = "stochastic"
 
 
+class LoaderUnit(StrEnum):
+    document = "document"
+    window = "window"
+
+
 class LossImpl(StrEnum):
     torch = "torch"
     fused = "fused"
@@ -92,6 +97,7 @@ class SourcesSchema:
 @dataclass
 class LoaderSchema:
     micro_batch_size: Optional[int] = None  # noqa: UP045  (null: each rank's share of the global batch, no accumulation)
+    unit: LoaderUnit = LoaderUnit.document
     max_length: int = MISSING
     pack: bool = MISSING
     num_workers: int = MISSING

@@ -120,11 +120,13 @@ class MixtureDataModule(LightningDataModule):
         pack: pack several examples per row (per-token source and document ids kept).
         num_workers: dataloader workers (the stream does not depend on it).
         direction: translation direction (both, to_eng, from_eng).
+        windows: window mode (``loader.unit=window``): {mono source: its `TokenWindows`};
+            the sampler, the split and the example indices of those sources count windows.
     """
 
     def __init__(self, corpus, tokenizer, sampler: MixtureSampler, split: SourceSplit,
                  micro_batch_size: int | None, max_length: int = 128, pack: bool = False,
-                 num_workers: int = 0, direction: str = "both"):
+                 num_workers: int = 0, direction: str = "both", windows: Mapping[str, Any] | None = None):
         super().__init__()
         self.corpus, self.tokenizer, self.sampler, self.split = corpus, tokenizer, sampler, split
         self.sources = list(sampler.sources)
@@ -133,8 +135,14 @@ class MixtureDataModule(LightningDataModule):
             raise ValueError(f"sampler sizes disagree with the split's training sizes for {mismatch[0]!r}")
         self.micro_batch_size = check_micro_batch_size(micro_batch_size)  # None allowed; see geometry()
         self.max_length = int(max_length)
-        self.train_set = MixtureDataset(corpus, tokenizer, self.sources, split, "train", max_length, direction)
-        self.val_set = MixtureDataset(corpus, tokenizer, self.sources, split, "val", max_length, direction)
+        if windows and pack:
+            raise ValueError("loader.pack=true packs whole documents, but loader.unit=window already fills every "
+                             "row with a window; set loader.pack=false")
+        self.windows = dict(windows or {})
+        self.train_set = MixtureDataset(corpus, tokenizer, self.sources, split, "train", max_length, direction,
+                                        self.windows)
+        self.val_set = MixtureDataset(corpus, tokenizer, self.sources, split, "val", max_length, direction,
+                                      self.windows)
         self.collate = MixtureCollator(sampler.loss_weights_at,
                                        tokenizer.pad_id, max_length, pack, example_weights=sampler.example_weights)
         self.val_collate = MixtureCollator(lambda step: None, tokenizer.pad_id, max_length, pack=False)

@@ -2,7 +2,9 @@
 
 Mono rows are ``<bos> text <eos>`` and every next token is a target. Parallel rows are
 decoder-only translation, ``<2tgt> source-text <eos> target-text <eos>``, with targets
-only on the target side (GNMT's target-language tag).
+only on the target side (GNMT's target-language tag). In window mode (``loader.unit=window``)
+a mono source's examples are its token windows (`pipeline.data.windows`): their per-token
+``segments`` become document ids, and targets across a document boundary are dropped.
 
 Items are (source_id, example_index, step) triples from the sampler. `step >= 0` weights
 targets by the plan's loss weight at that step (times the example's factor when the plan
@@ -12,7 +14,7 @@ has ``example_weights``, M4 weights mode); `VALIDATION_STEP` weights them 1;
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from torch.utils.data import Dataset
 
 from pipeline.data.row_reader import RowReader
 from pipeline.data.split import SourceSplit
+from pipeline.data.windows import TokenWindows
 
 IGNORE_INDEX = -100
 DIRECTIONS = ("both", "to_eng", "from_eng")
@@ -31,6 +34,9 @@ PADDING_STEP = -2
 def num_targets(example: dict[str, Any], max_length: int) -> int:
     """Target tokens the collator will keep for an example (inputs are truncated to max_length)."""
     kept = min(len(example["ids"]) - 1, max_length)
+    if "segments" in example:  # a window: no target across a document boundary
+        segments = example["segments"]
+        return int((segments[1:kept + 1] == segments[:kept]).sum()) if kept > 0 else 0
     return max(0, kept - example["target_from"] + 1)
 
 
@@ -43,10 +49,13 @@ class MixtureDataset(Dataset):
         split: the per-source train/validation split; `part` picks the side.
         max_length: tokens per row (after the input/target shift).
         direction: translation direction: both (by example parity), to_eng, from_eng.
+        windows: window mode: {source: its `TokenWindows`} for the mono sources; their
+            indices (and the split's rows) are window numbers. None: document mode.
     """
 
     def __init__(self, corpus, tokenizer, sources: Sequence[str], split: SourceSplit,
-                 part: str = "train", max_length: int = 128, direction: str = "both"):
+                 part: str = "train", max_length: int = 128, direction: str = "both",
+                 windows: Mapping[str, TokenWindows] | None = None):
         if direction not in DIRECTIONS:
             raise ValueError(f"translation direction must be one of {DIRECTIONS}, got {direction!r}")
         if part not in ("train", "val"):
@@ -62,6 +71,10 @@ class MixtureDataset(Dataset):
         self.part = part
         self.max_length = int(max_length)
         self.direction = direction
+        self.windows = [(windows or {}).get(name) for name in self.sources]
+        for name, window in zip(self.sources, self.windows, strict=True):
+            if window is not None and window.max_length != self.max_length:
+                raise ValueError(f"windows of source {name!r} are {window.max_length} tokens, rows {self.max_length}")
 
     def build(self, items: Sequence[tuple[int, int, int]]) -> list[dict[str, Any]]:
         """Examples for the items: one vectorised split mapping, one Arrow take per kind,
@@ -71,10 +84,16 @@ class MixtureDataset(Dataset):
         source_ids = np.fromiter((item[0] for item in items), dtype=np.int64, count=len(items))
         indices = np.fromiter((item[1] for item in items), dtype=np.int64, count=len(items))
         rows = self.split.rows_many(self.sources, source_ids, indices, self.part)
-        records = self.reader.read(source_ids, rows)
         examples: list[dict[str, Any] | None] = [None] * len(items)
-        mono = [p for p, s in enumerate(source_ids.tolist()) if self.reader.kinds[s] != "parallel"]
-        pairs = [p for p, s in enumerate(source_ids.tolist()) if self.reader.kinds[s] == "parallel"]
+        windowed = np.array([self.windows[s] is not None for s in source_ids.tolist()], dtype=bool)
+        for s in np.unique(source_ids[windowed]).tolist():
+            where = np.flatnonzero(source_ids == s)
+            for p, (ids, segments) in zip(where.tolist(), self.windows[s].read(rows[where]), strict=True):
+                examples[p] = {"ids": ids, "target_from": 1, "segments": segments}
+        records = self.reader.read(source_ids[~windowed], rows[~windowed]) if (~windowed).any() else []
+        records = dict(zip(np.flatnonzero(~windowed).tolist(), records, strict=True))
+        mono = [p for p in records if self.reader.kinds[source_ids[p]] != "parallel"]
+        pairs = [p for p in records if self.reader.kinds[source_ids[p]] == "parallel"]
         if mono:
             for p, example in zip(mono, self._language_model([records[p]["text"] for p in mono]), strict=True):
                 examples[p] = example
@@ -210,6 +229,12 @@ class MixtureCollator:
                     token_weights[r, first:end] = self._weight(example, cache)
                 token_sources[r, cursor:end] = example["source_id"]
                 document_ids[r, cursor:end] = d
+                segments = example.get("segments")
+                if segments is not None:  # a window: its documents, no target across a boundary
+                    document_ids[r, cursor:end] = d + segments[:n]
+                    crossing = np.flatnonzero(segments[1:n + 1] != segments[:n]) + cursor
+                    labels[r, crossing] = IGNORE_INDEX
+                    token_weights[r, crossing] = 0.0
                 cursor = end
         input_ids, labels, token_weights, token_sources, document_ids = map(
             torch.from_numpy, (input_ids, labels, token_weights, token_sources, document_ids))

@@ -67,6 +67,7 @@ class MixtureReport:
     max_epochs: float
     description: str
     flags: dict[str, list[str]] = field(default_factory=dict)
+    draw_unit: str = "documents"  # what a draw is: documents, or windows (loader.unit=window)
 
     def rows(self) -> list[dict]:
         """Whole-run rows for logging as a table (one dict per source)."""
@@ -88,8 +89,10 @@ class MixtureReport:
 
 
 def build_report(sampler: PlannedStream, sizes: dict[str, float] | None = None,
-                 size_unit: str = "documents", max_epochs: float = 10.0) -> MixtureReport:
-    """Evaluate the sampler's schedule at every phase boundary (no stream is generated)."""
+                 size_unit: str = "documents", max_epochs: float = 10.0,
+                 draw_unit: str = "documents") -> MixtureReport:
+    """Evaluate the sampler's schedule at every phase boundary (no stream is generated).
+    `draw_unit` names what one draw is (the report's "docs" column and epochs count them)."""
     schedule = sampler.schedule
     adaptive = ""
     if isinstance(schedule, OnlineSchedule):
@@ -125,7 +128,7 @@ def build_report(sampler: PlannedStream, sizes: dict[str, float] | None = None,
     return MixtureReport(
         sampler.sources, sampler.num_documents, size_array, size_unit, total,
         sampler.global_batch_size, phases, expected, epochs, max_epochs,
-        f"{schedule.stage!r}, sampler={sampler.mode}, seed={sampler.seed}{adaptive}", flags,
+        f"{schedule.stage!r}, sampler={sampler.mode}, seed={sampler.seed}{adaptive}", flags, draw_unit,
     )
 
 
@@ -165,8 +168,9 @@ def format_report(report: MixtureReport) -> str:
                 f"{phase.expected_draws[i]:10.1f} {phase.epochs_at_end[i]:8.2f}"
             )
     lines.append("")
-    lines.append(f"Whole run (sizes in {report.size_unit}; epochs count documents):")
-    lines.append(f"{'source':<{width}} {'docs':>9} {'size':>11} {'draws':>10} {'epochs':>8}  flags")
+    lines.append(f"Whole run (sizes in {report.size_unit}; epochs count {report.draw_unit}):")
+    column = "docs" if report.draw_unit == "documents" else report.draw_unit
+    lines.append(f"{'source':<{width}} {column:>9} {'size':>11} {'draws':>10} {'epochs':>8}  flags")
     for i, name in enumerate(names):
         lines.append(
             f"{name:<{width}} {report.num_documents[i]:9d} {report.sizes[i]:11.0f} "

@@ -36,10 +36,13 @@ def run_identity(cfg: DictConfig, datamodule, tokenizer) -> dict[str, Any]:
     # The LM has `transformer`; the contrastive model `text_tower` plus `image_tower`.
     transformer = model.get("transformer") or model.get("text_tower") or {}
     extra = {"image_tower": model["image_tower"]} if "image_tower" in model else {}
+    # Window mode draws other units (listed only then, so document-mode identities stay as they were).
+    unit = {"draw_unit": f"window:{cfg.loader.max_length}"} if getattr(datamodule, "windows", None) else {}
     return {
         "sources": list(datamodule.sources),
         "mixture": OmegaConf.to_container(cfg.mixture, resolve=True),
         "sampler_stream": datamodule.sampler.fingerprint,
+        **unit,
         "tokenizer": tokenizer.content_hash,
         "model_shape": {"vocab_size": tokenizer.vocab_size,
                         **{key: transformer.get(key) for key in _SHAPE_KEYS}, **extra},
