@@ -46,6 +46,21 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_sampler.py
 
+# The sampler benchmark with its peer baselines, installed outside $(VENV) so its CPU torch stays:
+# torchdata (pure Python) into a --target folder on PYTHONPATH; mosaicml-streaming in a venv of its
+# own (numpy<2.2; its import needs torchvision, on PyPI only as a CUDA build, so PyPI's torch 2.13.0
+# CUDA build comes along, ~5 GB, run on CPU). Pass options with BENCH_ARGS="--num-sources 50 ...".
+.PHONY: bench-baselines
+bench-baselines: $(STAMP)
+	$(UV) pip install --quiet --no-deps --require-hashes --target .cache/bench-baselines/site \
+	    -r requirements-bench-baselines.lock --index-url $(PYPI_INDEX)
+	test -x .cache/bench-baselines/streaming-venv/bin/python || \
+	    $(UV) venv --quiet --python $(PYTHON) .cache/bench-baselines/streaming-venv
+	$(UV) pip install --quiet --python .cache/bench-baselines/streaming-venv/bin/python --require-hashes \
+	    -r requirements-bench-streaming.lock --index-url $(PYPI_INDEX)
+	PYTHONPATH=.cache/bench-baselines/site $(PY) scripts/bench_sampler.py --baselines all \
+	    --streaming-python .cache/bench-baselines/streaming-venv/bin/python $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 

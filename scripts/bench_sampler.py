@@ -21,12 +21,33 @@ baselines, ``interleave_datasets(probabilities=p, seed=seed, stopping_strategy="
   * iterable resume: ``state_dict()`` after K consumed examples, a fresh interleaved
     dataset, ``load_state_dict(state)``, time until the first example arrives.
 
+peer baselines (``--baselines``, default all; an absent one is skipped with one line saying how
+to install it: ``make bench-baselines``), the same sources and p, rows one by one, no DataLoader:
+  * torchdata.nodes ``MultiNodeWeightedSampler`` (one ``IterableWrapper`` per source over its
+    rows, weights = p, seed), behind a ``Loader``: build, first example, rows/s, and
+    ``Loader.state_dict()`` after K examples -> fresh loader -> ``load_state_dict`` -> first
+    example. Imported here (PYTHONPATH=.cache/bench-baselines/site).
+  * mosaicml-streaming ``StreamingDataset`` over one ``Stream(local=..., proportion=p_i)`` per
+    source, ``shuffle=True``, ``num_canonical_nodes``: the sources written with ``MDSWriter``
+    first (timed apart: a one-off cost), then build, first example, rows/s, and
+    ``state_dict(K, from_beginning=True)`` -> fresh dataset -> ``load_state_dict`` -> first
+    example. It runs in its own interpreter (``--streaming-python``; the venv `make
+    bench-baselines` builds), as ``--streaming-worker``, on the sources' texts.
+
+checks, for every sampler including ours (PASS / FAIL / n/a, with what differed):
+  (a) the same seed twice gives the same first examples; (b) state after K examples -> fresh
+  object -> the next M examples equal the uninterrupted run's K..K+M; (c) world-size
+  independence: for the same global steps, the union over W=2 and W=3 ranks equals the W=1
+  stream (ours: RankBatchSampler(rank, world); interleave: split_dataset_by_node; torchdata:
+  rank/world_size and the rows split over ranks; streaming: W concurrent simulated ranks).
+
 Every measurement is repeated ``--repeats`` times and summarised by its median. The table
 ends with the ratios ours / baseline and PASS / MISS per goal. ``--json PATH`` writes every
 number. Progress goes to stderr, the table to stdout.
 
     .venv/bin/python scripts/bench_sampler.py                      # full run (~2-3 min, 2 cores)
     .venv/bin/python scripts/bench_sampler.py --quick --json /tmp/bench.json
+    make bench-baselines BENCH_ARGS="--json .cache/bench_sampler_baselines.json"   # with the peers
 """
 
 from __future__ import annotations
@@ -389,6 +410,524 @@ def _map_tv_distance(mixed, dsets: list, probs: np.ndarray, examples: int) -> fl
         return None
 
 
+# -- determinism and elasticity checks --------------------------------------------------------
+# One small geometry for every sampler's checks (examples, not seconds): a global batch that
+# worlds 1, 2 and 3 divide, with a micro-batch that divides each rank's share.
+CHECK_GLOBAL = 96  # examples per global step in the checks
+CHECK_MICRO = 16  # ours: micro-batch of the checks (W=3: 32 per rank = 2 micro-batches)
+CHECK_FIRST = 2_016  # (a) first N examples of two runs with one seed (21 steps)
+CHECK_RESUME_AT = 1_920  # (b) K: state taken after K examples (20 steps) ...
+CHECK_NEXT = 960  # ... and the next M examples compared (10 steps)
+CHECK_STEPS = 8  # (c) global steps compared between W=1 and W=2, 3
+CHECK_WORLDS = (2, 3)
+CHECK_NAMES = ("same_seed", "resume", "world_2", "world_3")
+INSTALL_HINT = "make bench-baselines"
+BASELINES_DIR = REPO / ".cache" / "bench-baselines"
+TORCHDATA_SITE = BASELINES_DIR / "site"
+STREAMING_PYTHON = BASELINES_DIR / "streaming-venv" / "bin" / "python"
+
+
+def verdict(ok: bool | None, detail: str) -> dict[str, str]:
+    """A check's cell: PASS, FAIL or n/a (ok is None), and what was compared or differed."""
+    return {"verdict": "n/a" if ok is None else "PASS" if ok else "FAIL", "detail": detail}
+
+
+def compare_streams(got: list, want: list) -> dict[str, str]:
+    """`got` equals `want` element by element (texts of the examples, in order)."""
+    if got == want:
+        return verdict(True, f"{len(want):,} examples identical")
+    n = min(len(got), len(want))
+    first = next((i for i in range(n) if got[i] != want[i]), n)
+    differ = sum(g != w for g, w in zip(got, want, strict=False)) + abs(len(got) - len(want))
+    return verdict(False, f"{differ:,} of {len(want):,} examples differ (first at {first:,}; "
+                   f"lengths {len(got):,} vs {len(want):,})")
+
+
+def compare_steps(ranks: list[list], whole: list, global_batch: int, steps: int) -> dict[str, str]:
+    """Union over ranks of each global step (rank r's step s = its examples
+    [s*b, (s+1)*b), b = global_batch / world) against the one-rank stream's step s, as
+    multisets; the detail also says whether the rank-major concatenation keeps the order."""
+    from collections import Counter
+
+    world = len(ranks)
+    per_rank = global_batch // world
+    same_steps = ordered = common = 0
+    for s in range(steps):
+        union = [x for r in ranks for x in r[s * per_rank:(s + 1) * per_rank]]
+        target = whole[s * global_batch:(s + 1) * global_batch]
+        shared = sum((Counter(union) & Counter(target)).values())
+        common += shared
+        same_steps += shared == len(target) == len(union)
+        ordered += union == target
+    total = steps * global_batch
+    detail = (f"{same_steps}/{steps} steps equal as sets, {common:,}/{total:,} examples shared"
+              f"{', same order (rank-major)' if ordered == steps else ''}")
+    return verdict(same_steps == steps, detail)
+
+
+def render_checks(checks: dict[str, dict[str, dict[str, str]]]) -> list[str]:
+    """The check table (one row per sampler) and a line for each FAIL and n/a."""
+    rows = [[name, *(cells.get(c, verdict(None, "not run"))["verdict"] for c in CHECK_NAMES)]
+            for name, cells in checks.items()]
+    out = [f"determinism and elasticity checks ((a) first {CHECK_FIRST:,} examples twice; "
+           f"(b) state after K={CHECK_RESUME_AT:,} -> fresh object -> next M={CHECK_NEXT:,}; "
+           f"(c) {CHECK_STEPS} global steps of {CHECK_GLOBAL}, union over ranks vs W=1):",
+           table(["sampler", "(a) same seed", "(b) resume", "(c) W=2", "(c) W=3"], rows,
+                 align="<<<<<")]
+    for name, cells in checks.items():
+        for c in CHECK_NAMES:
+            cell = cells.get(c)
+            if cell and cell["verdict"] != "PASS":
+                out.append(f"  {name} {c}: {cell['verdict']}: {cell['detail']}")
+    return out
+
+
+def ours_stream(sampler, reader, world: int, rank: int, start_step: int, steps: int) -> list[str]:
+    """Texts of rank `rank`'s micro-batches (CHECK_MICRO) for global steps
+    [start_step, start_step + steps), in the order the rank consumes them."""
+    from pipeline.sampling.sampler import RankBatchSampler
+
+    texts: list[str] = []
+    for micro in RankBatchSampler(sampler, rank, world, CHECK_MICRO, start_step=start_step,
+                                  num_steps=steps):
+        texts.extend(fetch_texts(micro, reader))
+    return texts
+
+
+def check_ours(args, stage, docs: dict[str, int], reader, mode: str) -> dict[str, dict[str, str]]:
+    """(a), (b), (c) for our sampler through its public API: MixtureSampler, RankBatchSampler,
+    state_dict(step) -> fresh sampler -> load_state_dict."""
+    from pipeline.sampling.sampler import MixtureSampler
+
+    def build() -> MixtureSampler:
+        return MixtureSampler(stage, docs, CHECK_GLOBAL, args.total_steps, seed=args.seed, mode=mode)
+
+    first_steps = CHECK_FIRST // CHECK_GLOBAL
+    checks = {"same_seed": compare_streams(ours_stream(build(), reader, 1, 0, 0, first_steps),
+                                           ours_stream(build(), reader, 1, 0, 0, first_steps))}
+    k, m = CHECK_RESUME_AT // CHECK_GLOBAL, CHECK_NEXT // CHECK_GLOBAL
+    first = build()
+    whole = ours_stream(first, reader, 1, 0, 0, k + m)
+    fresh = build()
+    step = fresh.load_state_dict(first.state_dict(k))
+    checks["resume"] = compare_streams(ours_stream(fresh, reader, 1, 0, step, m), whole[k * CHECK_GLOBAL:])
+    one = ours_stream(build(), reader, 1, 0, 0, CHECK_STEPS)
+    for world in CHECK_WORLDS:
+        ranks = [ours_stream(build(), reader, world, r, 0, CHECK_STEPS) for r in range(world)]
+        checks[f"world_{world}"] = compare_steps(ranks, one, CHECK_GLOBAL, CHECK_STEPS)
+    return checks
+
+
+def check_interleave(args, dsets: list, probs: np.ndarray) -> dict[str, dict[str, dict[str, str]]]:
+    """(a), (b), (c) for both interleave_datasets flavours; (c) through
+    `datasets.distributed.split_dataset_by_node` on the interleaved dataset."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    p = [float(x) for x in probs]
+
+    def interleave(parts):
+        return datasets.interleave_datasets(parts, probabilities=p, seed=args.seed,
+                                            stopping_strategy="all_exhausted")
+
+    def texts(mixed, n: int) -> list[str]:
+        return [ex["text"] for ex in itertools.islice(mixed, n)]
+
+    k, m = CHECK_RESUME_AT, CHECK_NEXT
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    mixed = interleave(dsets)
+    whole = texts(mixed, k + m)
+    cells = {"same_seed": compare_streams(texts(interleave(dsets), CHECK_FIRST), whole[:CHECK_FIRST])}
+    cell = compare_streams(list(mixed.select(range(k, k + m))["text"]), whole[k:])
+    cell["detail"] += " (no state_dict: a map-style Dataset resumes by index, mixed[K:K+M])"
+    cells["resume"] = cell
+    one = whole[:CHECK_STEPS * CHECK_GLOBAL]
+    for world in CHECK_WORLDS:
+        ranks = [texts(split_dataset_by_node(mixed, rank=r, world_size=world), CHECK_STEPS * CHECK_GLOBAL // world)
+                 for r in range(world)]
+        cells[f"world_{world}"] = compare_steps(ranks, one, CHECK_GLOBAL, CHECK_STEPS)
+        cells[f"world_{world}"]["detail"] += " (split_dataset_by_node: contiguous shards)"
+    out["interleave map-style"] = cells
+
+    def build_iterable():
+        return interleave([d.to_iterable_dataset() for d in dsets])
+
+    mixed = build_iterable()
+    whole, stream = [], iter(mixed)
+    state = None
+    for example in stream:
+        whole.append(example["text"])
+        if len(whole) == k:
+            state = mixed.state_dict()
+        if len(whole) == k + m:
+            break
+    stream.close()
+    cells = {"same_seed": compare_streams(texts(build_iterable(), CHECK_FIRST), whole[:CHECK_FIRST])}
+    fresh = build_iterable()
+    fresh.load_state_dict(state)
+    cells["resume"] = compare_streams(texts(fresh, m), whole[k:])
+    for world in CHECK_WORLDS:
+        ranks = [texts(split_dataset_by_node(build_iterable(), rank=r, world_size=world),
+                       CHECK_STEPS * CHECK_GLOBAL // world) for r in range(world)]
+        cells[f"world_{world}"] = compare_steps(ranks, whole, CHECK_GLOBAL, CHECK_STEPS)
+        cells[f"world_{world}"]["detail"] += " (split_dataset_by_node on the interleaved IterableDataset)"
+    out["interleave iterable"] = cells
+    return out
+
+
+# -- baseline: torchdata.nodes MultiNodeWeightedSampler ---------------------------------------
+def torchdata_absent() -> str | None:
+    """Why torchdata.nodes cannot be used here (None when it can)."""
+    try:
+        from torchdata.nodes import Loader, MultiNodeWeightedSampler  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure means "absent"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def torchdata_loader(dsets: list, probs: np.ndarray, seed: int, rank: int = 0, world: int = 1):
+    """A `torchdata.nodes.Loader` over `MultiNodeWeightedSampler`: one `IterableWrapper` per
+    source over its rows (rank `rank` of `world` reads rows rank, rank + world, ...: the
+    usual rank split, as `DistributedSampler` does), weights = our probabilities."""
+    from torchdata.nodes import IterableWrapper, Loader, MultiNodeWeightedSampler
+
+    parts = dsets if world == 1 else [d.shard(num_shards=world, index=rank, contiguous=False) for d in dsets]
+    nodes = {str(i): IterableWrapper(d) for i, d in enumerate(parts)}
+    weights = {str(i): float(p) for i, p in enumerate(probs)}
+    return Loader(MultiNodeWeightedSampler(nodes, weights, seed=seed, rank=rank, world_size=world))
+
+
+def bench_torchdata(args, res: Results, dsets: list, probs: np.ndarray) -> dict[str, dict[str, str]]:
+    """Build, throughput (rows one by one), resume latency and the checks of torchdata.nodes."""
+    import torchdata
+
+    res.info["baseline_versions"]["torchdata"] = torchdata.__version__
+    build = res.add("torchdata_build_s", "torchdata: IterableWrapper x S + MultiNodeWeightedSampler "
+                    "+ Loader", "s")
+    first = res.add("torchdata_first_ms", "torchdata: fresh start, time to first example", "ms")
+    rows = res.add("torchdata_rows", "torchdata: rows one by one (build excluded)", "examples/s")
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        loader = torchdata_loader(dsets, probs, args.seed)
+        t1 = time.perf_counter()
+        stream = iter(loader)
+        texts = [next(stream)["text"]]
+        t2 = time.perf_counter()
+        texts += [ex["text"] for ex in itertools.islice(stream, args.examples - 1)]
+        t3 = time.perf_counter()
+        build.samples.append(t1 - t0)
+        first.samples.append((t2 - t1) * 1e3)
+        rows.samples.append(len(texts) / (t3 - t1))
+    log.info("torchdata: build %.3f s, rows %s/s", build.median, fmt(rows.median))
+
+    positions = sorted(set(args.iterable_resume_at))
+    loader, states, expected = torchdata_loader(dsets, probs, args.seed), {}, {}
+    stream = iter(loader)
+    for consumed in range(1, positions[-1] + 2):
+        example = next(stream)
+        if consumed - 1 in states:
+            expected[consumed - 1] = example["text"]
+        if consumed in positions:
+            states[consumed] = loader.state_dict()
+    exact = True
+    for k in positions:
+        m = res.add(f"torchdata_resume_ms@{k}", f"torchdata: load_state_dict after {k:,} examples "
+                    "+ first example (build excluded)", "ms")
+        for _ in range(args.repeats):
+            fresh = torchdata_loader(dsets, probs, args.seed)
+            t0 = time.perf_counter()
+            fresh.load_state_dict(states[k])
+            example = next(iter(fresh))
+            m.samples.append((time.perf_counter() - t0) * 1e3)
+            exact &= example["text"] == expected[k]
+        log.info("torchdata: resume after %d examples %.1f ms", k, m.median)
+    res.info["torchdata_resume_exact"] = bool(exact)
+    return check_torchdata(args, dsets, probs)
+
+
+def check_torchdata(args, dsets: list, probs: np.ndarray) -> dict[str, dict[str, str]]:
+    """(a), (b), (c) for torchdata.nodes; (c) with its rank/world_size arguments and the
+    sources' rows split over ranks."""
+    def texts(loader, n: int) -> list[str]:
+        return [ex["text"] for ex in itertools.islice(iter(loader), n)]
+
+    k, m = CHECK_RESUME_AT, CHECK_NEXT
+    loader = torchdata_loader(dsets, probs, args.seed)
+    stream, whole = iter(loader), []
+    for _ in range(k):
+        whole.append(next(stream)["text"])
+    state = loader.state_dict()
+    whole += [next(stream)["text"] for _ in range(m)]
+    checks = {"same_seed": compare_streams(texts(torchdata_loader(dsets, probs, args.seed), CHECK_FIRST),
+                                           whole[:CHECK_FIRST])}
+    fresh = torchdata_loader(dsets, probs, args.seed)
+    fresh.load_state_dict(state)
+    checks["resume"] = compare_streams(texts(fresh, m), whole[k:])
+    for world in CHECK_WORLDS:
+        ranks = [texts(torchdata_loader(dsets, probs, args.seed, r, world), CHECK_STEPS * CHECK_GLOBAL // world)
+                 for r in range(world)]
+        checks[f"world_{world}"] = compare_steps(ranks, whole, CHECK_GLOBAL, CHECK_STEPS)
+        checks[f"world_{world}"]["detail"] += (" (MultiNodeWeightedSampler(rank, world_size) seeds "
+                                                "each rank's source draws apart; rows split r::W)")
+    return checks
+
+
+# -- baseline: mosaicml-streaming StreamingDataset (run in its own interpreter) ----------------
+def streaming_python(args) -> tuple[str | None, str]:
+    """(interpreter that imports `streaming`, why not when None): --streaming-python, this
+    interpreter, or the venv `make bench-baselines` builds."""
+    import importlib.util
+
+    if args.streaming_python:
+        if not Path(args.streaming_python).exists():
+            return None, f"--streaming-python {args.streaming_python} does not exist"
+        return args.streaming_python, ""
+    if importlib.util.find_spec("streaming") is not None:
+        return sys.executable, ""
+    if STREAMING_PYTHON.exists():
+        return str(STREAMING_PYTHON), ""
+    return None, f"no `streaming` module here and no {STREAMING_PYTHON.relative_to(REPO)}"
+
+
+def bench_streaming(args, res: Results, dsets: list, probs: np.ndarray,
+                    python: str) -> tuple[dict[str, dict[str, str]] | None, str]:
+    """Run the streaming worker (`--streaming-worker`) in `python` on the sources' texts;
+    add its series to `res`; (its checks, "") or (None, why it failed)."""
+    import json
+    import subprocess
+
+    work = Path(tempfile.mkdtemp(prefix="bench_sampler_streaming_"))
+    try:
+        (work / "texts.json").write_text(json.dumps([list(d["text"]) for d in dsets]), encoding="utf-8")
+        spec = {"work": str(work), "probs": [float(p) for p in probs], "seed": args.seed,
+                "examples": args.examples, "repeats": args.repeats,
+                "resume_at": sorted(set(args.iterable_resume_at)),
+                "far_position": args.resume_step * args.global_batch,
+                "canonical_nodes": args.canonical_nodes, "batch_size": args.micro_batch}
+        (work / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE")}
+        proc = subprocess.run([python, str(Path(__file__).resolve()), "--streaming-worker",
+                               str(work / "spec.json")], env=env, capture_output=True, text=True,
+                              timeout=args.streaming_timeout)
+        out = work / "result.json"
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return None, f"worker {python} exited {proc.returncode}: {' | '.join(tail)}"
+        result = json.loads(out.read_text(encoding="utf-8"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res.info["baseline_versions"].update(result["versions"])
+    res.info["streaming_epoch_size"] = result["epoch_size"]
+    res.info["streaming_resume_exact"] = result["resume_exact"]
+    res.info["streaming_far"] = result["far"]
+    for key, series in result["series"].items():
+        res.add(key, series["label"], series["unit"], note=series.get("note", "")).samples.extend(series["samples"])
+    checks = result["checks"]
+    streams = result["world_streams"]
+    for world in CHECK_WORLDS:
+        checks[f"world_{world}"] = compare_steps(streams[str(world)], streams["1"][0], CHECK_GLOBAL, CHECK_STEPS)
+        checks[f"world_{world}"]["detail"] += (f" (simulated ranks: RANK/WORLD_SIZE, one rank per node, "
+                                                f"num_canonical_nodes={args.canonical_nodes}, batch_size="
+                                                f"{CHECK_GLOBAL}/W)")
+    log.info("streaming: convert %.2f s, rows %s/s", res.median("streaming_convert_s"),
+             fmt(res.median("streaming_rows")))
+    return checks, ""
+
+
+def streaming_worker(spec_path: str) -> int:
+    """The streaming side, in an interpreter where `streaming` imports: MDS conversion,
+    build, throughput, resume, checks (a) and (b), and the simulated ranks' streams for (c);
+    writes result.json next to the spec."""
+    import gc
+    import json
+
+    import streaming
+    import torch
+    from streaming import MDSWriter, Stream, StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    work = Path(spec["work"])
+    if "rank" in spec:
+        return streaming_rank(spec)
+    texts_per_source = json.loads((work / "texts.json").read_text(encoding="utf-8"))
+    clean_stale_shared_memory()
+    series: dict[str, dict] = {}
+
+    def add(key: str, label: str, unit: str) -> list[float]:
+        series[key] = {"label": label, "unit": unit, "samples": []}
+        return series[key]["samples"]
+
+    t0 = time.perf_counter()
+    for i, texts in enumerate(texts_per_source):
+        with MDSWriter(out=str(work / "mds" / f"{i:04d}"), columns={"text": "str", "src": "int32"}) as out:
+            for text in texts:
+                out.write({"text": text, "src": i})
+    add("streaming_convert_s", "streaming: one-off MDSWriter conversion of all sources (not in "
+        "the ratios)", "s").append(time.perf_counter() - t0)
+
+    def build(batch_size: int = spec["batch_size"]) -> StreamingDataset:
+        streams = [Stream(local=str(work / "mds" / f"{i:04d}"), proportion=p) for i, p in enumerate(spec["probs"])]
+        return StreamingDataset(streams=streams, shuffle=True, shuffle_seed=spec["seed"],
+                                num_canonical_nodes=spec["canonical_nodes"], batch_size=batch_size)
+
+    def take(ds: StreamingDataset, n: int) -> list[str]:
+        return [ex["text"] for ex in itertools.islice(iter(ds), n)]
+
+    build_s = add("streaming_build_s", "streaming: StreamingDataset over S Streams (proportion=p)", "s")
+    first_ms = add("streaming_first_ms", "streaming: fresh start (epoch shuffle), time to first example", "ms")
+    rows = add("streaming_rows", "streaming: rows one by one, no DataLoader (build excluded)", "examples/s")
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        ds = build()
+        t1 = time.perf_counter()
+        it = iter(ds)
+        got = [next(it)["text"]]
+        t2 = time.perf_counter()
+        got += [ex["text"] for ex in itertools.islice(it, spec["examples"] - 1)]
+        t3 = time.perf_counter()
+        build_s.append(t1 - t0)
+        first_ms.append((t2 - t1) * 1e3)
+        rows.append(len(got) / (t3 - t1))
+        epoch_size = int(ds.epoch_size)
+        del it, ds
+        gc.collect()
+
+    def resume_first(state: dict) -> tuple[str, float]:
+        fresh = build()
+        t0 = time.perf_counter()
+        fresh.load_state_dict(state)
+        text = next(iter(fresh))["text"]
+        elapsed = (time.perf_counter() - t0) * 1e3
+        del fresh
+        gc.collect()
+        return text, elapsed
+
+    positions = spec["resume_at"]
+    ds = build()
+    whole = take(ds, max(positions[-1], CHECK_RESUME_AT + CHECK_NEXT) + 1)
+    states = {k: ds.state_dict(num_samples=k, from_beginning=True) for k in positions + [CHECK_RESUME_AT]}
+    del ds
+    gc.collect()
+    exact = True
+    for k in positions:
+        samples = add(f"streaming_resume_ms@{k}", f"streaming: load_state_dict after {k:,} examples + "
+                      "first example (build excluded)", "ms")
+        for _ in range(spec["repeats"]):
+            text, elapsed = resume_first(states[k])
+            samples.append(elapsed)
+            exact &= text == whole[k]
+    far = spec["far_position"]
+    far_state = dict(states[positions[0]], epoch=far // epoch_size, sample_in_epoch=far % epoch_size)
+    samples = add("streaming_resume_ms@far", f"streaming: load_state_dict at example {far:,} (epoch "
+                  f"{far // epoch_size:,}, state written directly) + first example", "ms")
+    for _ in range(spec["repeats"]):
+        samples.append(resume_first(far_state)[1])
+
+    checks = {"same_seed": compare_streams(take(build(), CHECK_FIRST), whole[:CHECK_FIRST])}
+    gc.collect()
+    fresh = build()
+    fresh.load_state_dict(states[CHECK_RESUME_AT])
+    checks["resume"] = compare_streams(take(fresh, CHECK_NEXT), whole[CHECK_RESUME_AT:CHECK_RESUME_AT + CHECK_NEXT])
+    del fresh
+    gc.collect()
+
+    world_streams = {"1": [take(build(batch_size=CHECK_GLOBAL), CHECK_STEPS * CHECK_GLOBAL)]}
+    gc.collect()
+    for world in CHECK_WORLDS:
+        world_streams[str(world)] = streaming_ranks(spec_path, world)
+
+    result = {"versions": {"mosaicml-streaming": streaming.__version__, "streaming torch": torch.__version__,
+                           "streaming numpy": np.__version__, **_torchvision_version()},
+              "series": series, "checks": checks, "world_streams": world_streams,
+              "epoch_size": epoch_size, "resume_exact": bool(exact),
+              "far": {"position": far, "epoch": far // epoch_size, "sample_in_epoch": far % epoch_size}}
+    (work / "result.json").write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+def streaming_ranks(spec_path: str, world: int, timeout_s: float = 600.0) -> list[list[str]]:
+    """Each rank's first CHECK_STEPS * CHECK_GLOBAL / world texts: `world` concurrent
+    processes on this node (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, a gloo
+    rendezvous on localhost, which StreamingDataset starts itself when WORLD_SIZE > 1)."""
+    import json
+    import socket
+    import subprocess
+
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        path = Path(spec["work"]) / f"rank_{world}_{rank}.json"
+        path.write_text(json.dumps({**spec, "rank": rank, "world": world}), encoding="utf-8")
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--streaming-worker",
+                                       str(path)], env=env))
+    for proc in procs:
+        if proc.wait(timeout=timeout_s) != 0:
+            raise RuntimeError(f"streaming rank process exited {proc.returncode} (world {world})")
+    return [json.loads((Path(spec["work"]) / f"rank_{world}_{r}.out.json").read_text(encoding="utf-8"))
+            for r in range(world)]
+
+
+def streaming_rank(spec: dict) -> int:
+    """One simulated rank of `streaming_ranks`: its texts to rank_<world>_<rank>.out.json."""
+    import json
+
+    from streaming import Stream, StreamingDataset
+
+    work, world = Path(spec["work"]), spec["world"]
+    streams = [Stream(local=str(work / "mds" / f"{i:04d}"), proportion=p) for i, p in enumerate(spec["probs"])]
+    ds = StreamingDataset(streams=streams, shuffle=True, shuffle_seed=spec["seed"],
+                          num_canonical_nodes=spec["canonical_nodes"], batch_size=CHECK_GLOBAL // world)
+    texts = [ex["text"] for ex in itertools.islice(iter(ds), CHECK_STEPS * CHECK_GLOBAL // world)]
+    (work / f"rank_{world}_{spec['rank']}.out.json").write_text(json.dumps(texts), encoding="utf-8")
+    return 0
+
+
+def _torchvision_version() -> dict[str, str]:
+    """torchvision's version in the streaming interpreter (streaming imports it at import)."""
+    try:
+        import torchvision
+    except Exception:  # noqa: BLE001 - informational only
+        return {}
+    return {"streaming torchvision": torchvision.__version__}
+
+
+PEERS = {"torchdata": "torchdata.nodes MultiNodeWeightedSampler", "streaming": "mosaicml-streaming StreamingDataset"}
+
+
+def run_peers(args, res: Results, dsets: list, probs: np.ndarray) -> None:
+    """The requested peer baselines; an absent one adds one SKIP line (and how to install it)."""
+    def skip(name: str, why: str, failed: bool = False) -> None:
+        line = (f"SKIP {name} baseline ({PEERS[name]}): {why}. "
+                + ("It is installed but failed (see above)." if failed else f"Install it with `{INSTALL_HINT}`."))
+        res.info["skipped"].append(line)
+        log.warning("%s", line)
+
+    if "torchdata" in args.peers:
+        why = torchdata_absent()
+        if why:
+            skip("torchdata", f"not importable ({why}; PYTHONPATH={TORCHDATA_SITE.relative_to(REPO)})")
+        else:
+            log.info("measuring torchdata.nodes MultiNodeWeightedSampler")
+            res.info["checks"]["torchdata"] = bench_torchdata(args, res, dsets, probs)
+    if "streaming" in args.peers:
+        python, why = streaming_python(args)
+        if python is None:
+            skip("streaming", why)
+        else:
+            log.info("measuring mosaicml-streaming in %s", python)
+            checks, why = bench_streaming(args, res, dsets, probs, python)
+            if checks is None:
+                skip("streaming", why, failed=True)
+            else:
+                res.info["checks"]["streaming"] = checks
+
+
 # -- report ---------------------------------------------------------------------------------
 def ratios_and_goals(args, res: Results) -> tuple[list[dict], list[Goal]]:
     """Ratios of medians, ours / baseline (one with a goal adds it), then the absolute goals."""
@@ -414,6 +953,18 @@ def ratios_and_goals(args, res: Results) -> tuple[list[dict], list[Goal]]:
         add_ratio(f"{mode}_resume_speedup", f"iterable resume after {last:,} examples / ours {mode} "
                   f"resume at step {args.resume_step:,}", f"iterable_resume_ms@{last}",
                   f"ours_{mode}_resume_ms@{args.resume_step}")
+        for name, label in PEERS.items():
+            if f"{name}_rows" not in res.measures:
+                continue
+            add_ratio(f"{mode}_e2e_vs_{name}", f"ours {mode} e2e / {label}", e2e, f"{name}_rows")
+            add_ratio(f"{mode}_resume_speedup_{name}", f"{label} resume after {last:,} examples / ours "
+                      f"{mode} resume at step {args.resume_step:,}", f"{name}_resume_ms@{last}",
+                      f"ours_{mode}_resume_ms@{args.resume_step}")
+        if "streaming_resume_ms@far" in res.measures:
+            add_ratio(f"{mode}_resume_speedup_streaming_same_position", f"streaming resume at example "
+                      f"{args.resume_step * args.global_batch:,} / ours {mode} resume at step "
+                      f"{args.resume_step:,} (the same position)", "streaming_resume_ms@far",
+                      f"ours_{mode}_resume_ms@{args.resume_step}")
     for mode in args.modes:
         goals.append(Goal(f"{mode}_index_rate", f"ours {mode} index generation >= 1M samples/s",
                           res.median(f"ours_{mode}_index_rate"), GOAL_INDEX_RATE, ">=", unit="samples/s"))
@@ -438,6 +989,9 @@ def render(args, res: Results, ratios: list[dict], goals: list[Goal],
     out.append(f"  examples per pass: ours/map-style {args.examples:,}, iterable "
                f"{args.iterable_examples:,}; repeats {args.repeats} (medians below)")
     out.append(f"  {describe_machine(info['machine'])}")
+    if info["baseline_versions"]:
+        out.append("  peer baselines: " + ", ".join(f"{k} {v}" for k, v in info["baseline_versions"].items()))
+    out.extend(info["skipped"])
     rows = []
     for m in res.measures.values():
         stats = m.stats
@@ -455,6 +1009,8 @@ def render(args, res: Results, ratios: list[dict], goals: list[Goal],
     out.append("")
     out.append(render_goals(goals))
     out.append("")
+    out.extend(render_checks(info["checks"]))
+    out.append("")
     out.append("checks and notes:")
     out.append(f"  same mixture: total-variation distance of the first {args.examples:,} sources from p: "
                + ", ".join(f"ours {mode} {info[f'ours_{mode}_tv_distance']:.4f}" for mode in args.modes)
@@ -462,6 +1018,21 @@ def render(args, res: Results, ratios: list[dict], goals: list[Goal],
     out.append(f"  iterable and map-style interleave yield the same stream (first "
                f"{info['iterable_same_stream_checked']:,} texts): {info['iterable_same_stream_as_map']}")
     out.append(f"  iterable resume reproduced the uninterrupted stream: {info['iterable_resume_exact']}")
+    for name in PEERS:
+        if f"{name}_resume_exact" in info:
+            out.append(f"  {name} resume reproduced the uninterrupted stream (first example after each "
+                       f"K of --iterable-resume-at): {info[f'{name}_resume_exact']}")
+    if "torchdata_rows" in res.measures:
+        out.append(f"  torchdata resume at step {args.resume_step:,}: n/a for the same reason as the iterable "
+                   "interleave (its state is taken at a consumed position; IterableWrapper replays each "
+                   "source's consumed rows on load_state_dict).")
+    if "streaming_convert_s" in res.measures:
+        far = info["streaming_far"]
+        out.append(f"  streaming: one-off MDS conversion {fmt(res.median('streaming_convert_s'), 's')} s "
+                   f"(excluded from the ratios); epoch of {info['streaming_epoch_size']:,} samples "
+                   f"(proportions resample the sources); resume at example {far['position']:,} = epoch "
+                   f"{far['epoch']:,}, sample {far['sample_in_epoch']:,} from a state written directly "
+                   "(its state is O(1) like ours), not compared with an uninterrupted run.")
     length = info["interleaved_stream_length"]
     position = args.resume_step * args.global_batch
     rate = res.median("iterable_rows")
@@ -520,6 +1091,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes for a smoke test (< 20 s); numbers are not meaningful")
     parser.add_argument("--json", default=None, help="write every number to this JSON file")
+    parser.add_argument("--baselines", nargs="+", default=["all"], choices=["all", "none", *PEERS],
+                        help="peer baselines besides interleave_datasets (absent ones are skipped; "
+                        f"`{INSTALL_HINT}` installs them)")
+    parser.add_argument("--streaming-python", default=None,
+                        help="interpreter where mosaicml-streaming imports (default: this one if it "
+                        f"does, else {STREAMING_PYTHON.relative_to(REPO)})")
+    parser.add_argument("--streaming-timeout", type=int, default=1_800,
+                        help="seconds the streaming worker may take")
+    parser.add_argument("--canonical-nodes", type=int, default=6,
+                        help="streaming num_canonical_nodes (a multiple of every simulated world size)")
+    parser.add_argument("--streaming-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.max_docs_per_source = args.max_docs_per_source or 5_000
@@ -534,6 +1116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--global-batch must be a multiple of --micro-batch")
     if min(args.iterable_resume_at) < 1:
         parser.error("--iterable-resume-at positions must be >= 1")
+    if any(args.canonical_nodes % w for w in CHECK_WORLDS):
+        parser.error(f"--canonical-nodes must be a multiple of {CHECK_WORLDS}")
+    args.peers = [] if "none" in args.baselines else list(PEERS) if "all" in args.baselines else [
+        name for name in PEERS if name in args.baselines]
     return args
 
 
@@ -541,6 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.streaming_worker:
+        return streaming_worker(args.streaming_worker)
     import datasets
 
     from pipeline.mixing import Compose, Temperature
@@ -562,6 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
         docs_min=int(sizes.min()), docs_median=int(np.median(sizes)), docs_max=int(sizes.max()),
         p_min=float(probs.min()), p_max=float(probs.max()),
         machine=machine(datasets=datasets.__version__, numpy=np.__version__),
+        baseline_versions={}, skipped=[], checks={},
     )
     log.info("%d sources (%s); measuring ours", len(names), origin)
     from pipeline.data.row_reader import RowReader
@@ -570,6 +1159,10 @@ def main(argv: list[str] | None = None) -> int:
     bench_ours(args, res, stage, docs, reader, probs)
     log.info("measuring the interleave_datasets baselines")
     bench_baselines(args, res, dsets, probs)
+    for mode in args.modes:
+        res.info["checks"][f"ours {mode}"] = check_ours(args, stage, docs, reader, mode)
+    res.info["checks"].update(check_interleave(args, dsets, probs))
+    run_peers(args, res, dsets, probs)
     profile = profile_ours(args, stage, docs, reader) if args.profile else None
     ratios, goals = ratios_and_goals(args, res)
     res.info["wall_s"] = time.perf_counter() - started
@@ -584,6 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": {r["key"]: r for r in ratios},
             "goals": {g.key: g.as_json() for g in goals},
             "profile": [{"function": n, "share": s, "seconds": c} for n, s, c in profile or []],
+            "checks": res.info["checks"],
         })
         log.info("wrote %s", args.json)
     return 0
