@@ -72,13 +72,19 @@ class MixtureDataset(Dataset):
         self.max_length = int(max_length)
         self.direction = direction
         self.windows = [(windows or {}).get(name) for name in self.sources]
+        # Pre-tokenized sources (prepare.pretokenize): ids come from the token stores instead
+        # of sentencepiece at every draw; the same ids (the stores hold the plain encoding).
+        stores = getattr(corpus, "token_stores", None) or {}
+        self.stores = ([stores[n] for n in self.sources]
+                       if all(n in stores and stores[n].tokenizer_hash == tokenizer.content_hash
+                              for n in self.sources) else None)
         for name, window in zip(self.sources, self.windows, strict=True):
             if window is not None and window.max_length != self.max_length:
                 raise ValueError(f"windows of source {name!r} are {window.max_length} tokens, rows {self.max_length}")
 
     def build(self, items: Sequence[tuple[int, int, int]]) -> list[dict[str, Any]]:
-        """Examples for the items: one vectorised split mapping, one Arrow take per kind,
-        one tokenizer call per column."""
+        """Examples for the items: one vectorised split mapping, then windows, or token-store
+        reads, or one Arrow take per kind and one tokenizer call per column."""
         if not items:
             return []
         source_ids = np.fromiter((item[0] for item in items), dtype=np.int64, count=len(items))
@@ -90,15 +96,15 @@ class MixtureDataset(Dataset):
             where = np.flatnonzero(source_ids == s)
             for p, (ids, segments) in zip(where.tolist(), self.windows[s].read(rows[where]), strict=True):
                 examples[p] = {"ids": ids, "target_from": 1, "segments": segments}
-        records = self.reader.read(source_ids[~windowed], rows[~windowed]) if (~windowed).any() else []
-        records = dict(zip(np.flatnonzero(~windowed).tolist(), records, strict=True))
-        mono = [p for p in records if self.reader.kinds[source_ids[p]] != "parallel"]
-        pairs = [p for p in records if self.reader.kinds[source_ids[p]] == "parallel"]
+        documents = np.flatnonzero(~windowed).tolist()
+        ids = self._ids_reader(source_ids, rows, documents)
+        mono = [p for p in documents if self.reader.kinds[source_ids[p]] != "parallel"]
+        pairs = [p for p in documents if self.reader.kinds[source_ids[p]] == "parallel"]
         if mono:
-            for p, example in zip(mono, self._language_model([records[p]["text"] for p in mono]), strict=True):
+            for p, example in zip(mono, self._language_model(ids("text", mono)), strict=True):
                 examples[p] = example
         if pairs:
-            made = self._translation([records[p]["src"] for p in pairs], [records[p]["tgt"] for p in pairs],
+            made = self._translation(ids("src", pairs), ids("tgt", pairs),
                                      [self.languages[int(source_ids[p])] for p in pairs],
                                      [int(indices[p]) for p in pairs])
             for p, example in zip(pairs, made, strict=True):
@@ -106,6 +112,16 @@ class MixtureDataset(Dataset):
         for p, (source_id, index, step) in enumerate(items):
             examples[p].update(source_id=int(source_id), index=int(index), step=int(step))
         return examples  # type: ignore[return-value]
+
+    def _ids_reader(self, source_ids: np.ndarray, rows: np.ndarray, positions: list[int]):
+        """A function (column, positions) -> token ids (no bos/eos) of those items' rows: read
+        from the token stores when every source has one, else one Arrow take and encoded."""
+        if self.stores is not None:
+            stores = self.stores
+            return lambda column, at: [stores[source_ids[p]].document(int(rows[p]), column).tolist() for p in at]
+        chosen = np.asarray(positions, dtype=np.int64)
+        records = dict(zip(positions, self.reader.read(source_ids[chosen], rows[chosen]), strict=True)) if positions else {}
+        return lambda column, at: self.tokenizer.encode([records[p][column] for p in at])
 
     def __getitems__(self, items) -> list[dict[str, Any]]:
         examples = self._take_built(items) or self.build(items)
@@ -138,16 +154,16 @@ class MixtureDataset(Dataset):
         table = self.split.train if self.part == "train" else self.split.val
         return sum(table[name] for name in self.sources)
 
-    def _language_model(self, texts: list[str]) -> list[dict[str, Any]]:
+    def _language_model(self, encoded: list[list[int]]) -> list[dict[str, Any]]:
         tok = self.tokenizer
-        return [{"ids": [tok.bos_id, *ids[: self.max_length - 1], tok.eos_id], "target_from": 1}
-                for ids in tok.encode(list(texts))]
+        return [{"ids": [tok.bos_id, *ids[: self.max_length - 1], tok.eos_id], "target_from": 1} for ids in encoded]
 
-    def _translation(self, sources: list[str], targets: list[str], languages: list[tuple[str, str]],
+    def _translation(self, sources: list[list[int]], targets: list[list[int]], languages: list[tuple[str, str]],
                      indices: list[int]) -> list[dict[str, Any]]:
+        """Rows of encoded pairs (source and target side ids, no bos/eos)."""
         tok = self.tokenizer
         out = []
-        encoded = zip(tok.encode(list(sources)), tok.encode(list(targets)), languages, indices, strict=True)
+        encoded = zip(sources, targets, languages, indices, strict=True)
         for a, b, (src_lang, tgt_lang), index in encoded:
             # Direction per example is fixed by its index, so reruns see the same task.
             reverse = self.direction == "from_eng" or (self.direction == "both" and index % 2 == 1)

@@ -386,6 +386,12 @@ COVERAGE: dict[str, Scaled] = {
                after=(".venv/bin/python -m pipeline.prepare -m hydra/launcher=slurm prepare.pretokenize=true "
                       "prepare.num_shards=64 'prepare.shard=range(0,64)' cache_dir=/shared/mixpipe",),
                check=output_contains("encoded earlier", "prepared sources")),
+    # README: window mode (the demo's documents in windows; training and the report)
+    ".venv/bin/python -m pipeline.train experiment=demo loader.unit=window loader.max_length=128":
+        train("loader.max_length=16"),
+    ".venv/bin/python -m pipeline.report experiment=demo loader.unit=window mixture=unimax":
+        Scaled(append=("cache_dir={cache}", "progress=false", "loader.max_length=16"),
+               check=output_contains("epochs count windows", "UniMax")),
     # docs/BENCHMARKS.md: preparation with token stores (two languages, a few repetitions)
     BENCH_LONG_DOCS: Scaled(replace=(("../shared/data/tatoeba/mono/*.txt", "$MIXPIPE_SHARED/data/tatoeba/mono/[ae]*.txt"),
                                      ("$(seq 32)", "$(seq 2)")),

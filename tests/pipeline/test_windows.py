@@ -199,3 +199,20 @@ def test_window_mode_trains_and_reports_windows(window_data, compose_config, tmp
                                    "validation.documents_per_source=2", f"output_dir={tmp_path}"]))
     assert record["status"] == "completed" and record["global_steps"] == 3
     assert sum(s["samples_seen"] for s in record["sources"].values()) == 3 * 8
+
+
+def test_document_mode_reads_the_token_stores_and_builds_the_same_rows(window_data, demo_data):
+    from pipeline.data.split import SourceSplit
+    from pipeline.data.text_rows import MixtureDataset
+
+    _, stored, tokenizer = window_data
+    _, encoded_on_the_fly, _ = demo_data
+    assert stored.token_stores and encoded_on_the_fly.token_stores is None
+    names = list(stored.source_names)  # mono and parallel sources
+    split = SourceSplit({n: stored.num_documents(n) for n in names}, val_documents=2)
+    from_stores = MixtureDataset(stored, tokenizer, names, split, "train", max_length=24)
+    from_text = MixtureDataset(encoded_on_the_fly, tokenizer, names, split, "train", max_length=24)
+    assert from_stores.stores is not None and from_text.stores is None
+    rng = np.random.default_rng(0)
+    items = [(s, int(rng.integers(split.train[n])), 0) for s, n in enumerate(names) for _ in range(3)]
+    assert from_stores.build(items) == from_text.build(items)
