@@ -93,6 +93,8 @@ def results_record(cfg: DictConfig, trainer, model, datamodule, status: str, wal
         # Metrics that were NaN/inf (null in results.json), e.g. train/loss of a diverged run.
         "nonfinite_metrics": sorted(k for k, v in metrics.items() if not math.isfinite(v)),
         "global_batch_size": cfg.run.global_batch_size,
+        # What documents_train/_val, samples_seen and epochs count for mono sources (loader.unit).
+        "draw_unit": "windows" if getattr(datamodule, "windows", None) else "documents",
         "world_size": trainer.world_size,
         "num_parameters": model.model.num_parameters(),
         "tokens_seen_total": float(tokens.sum()),

@@ -128,3 +128,14 @@ def test_zero3_resumes_from_its_sharded_last_checkpoint(reference_run, demo_data
     (run / "checkpoints" / ".step000004.ckpt.tmp").mkdir()  # a killed writer's partial shards
     _train(tmp_path, cache, "zero3_resumed", "deepspeed_zero3", 2, "ckpt_path=last")
     _assert_matches_reference(run, reference_run, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_window_mode_two_processes_match_one_process(demo_data, tmp_path):
+    """loader.unit=window: the token stores are built once under the prepare lock, and the two
+    ranks train the same global windows as one process."""
+    cache, window = demo_data[0].cache_dir, ("loader.unit=window", "loader.max_length=24")
+    reference = _train(tmp_path, cache, "window_single", "single", 1, *window)
+    run = _train(tmp_path, cache, "window_ddp", "ddp", 2, *window)
+    _assert_matches_reference(run, reference, tmp_path)
