@@ -188,8 +188,10 @@ def fetch_texts(micro: list[tuple[int, int, int]], reader) -> list[str]:
     return reader.read_columns(sources, rows)["text"]
 
 
-def run_ours_e2e(sampler, reader, micro_batch: int, examples: int) -> tuple[float, float, float, np.ndarray]:
-    """One pass: (examples/s, seconds in the batch sampler, seconds reading rows, sources)."""
+def run_ours_e2e(sampler, reader, micro_batch: int,
+                 examples: int) -> tuple[float, float, float, np.ndarray, float]:
+    """One pass: (examples/s, seconds in the batch sampler, seconds reading rows, sources,
+    examples per CPU second of this process)."""
     from pipeline.sampling.sampler import RankBatchSampler
 
     steps = max(1, math.ceil(examples / sampler.global_batch_size))
@@ -197,6 +199,7 @@ def run_ours_e2e(sampler, reader, micro_batch: int, examples: int) -> tuple[floa
     in_sampler = in_read = 0.0
     count = 0
     sources = []
+    cpu = time.process_time()
     start = time.perf_counter()
     while True:
         t0 = time.perf_counter()
@@ -210,7 +213,7 @@ def run_ours_e2e(sampler, reader, micro_batch: int, examples: int) -> tuple[floa
         count += len(texts)
         sources.append([s for s, _, _ in micro])
     elapsed = time.perf_counter() - start
-    return count / elapsed, in_sampler, in_read, np.concatenate(sources)
+    return count / elapsed, in_sampler, in_read, np.concatenate(sources), count / (time.process_time() - cpu)
 
 
 def bench_ours(args, res: Results, stage, docs: dict[str, int], reader, probs: np.ndarray) -> None:
@@ -241,9 +244,13 @@ def bench_ours(args, res: Results, stage, docs: dict[str, int], reader, probs: n
                     f"(global {args.global_batch}, micro {args.micro_batch})", "examples/s")
         share = res.add(f"ours_{mode}_e2e_sampler_share", f"ours {mode}: share of e2e time in "
                         "RankBatchSampler (rest: Arrow reads)", "%")
+        cpu = res.add(f"ours_{mode}_e2e_cpu", f"ours {mode}: e2e as above, per CPU second of this process "
+                      "(robust to other load)", "examples/cpu-s")
         for _ in range(args.repeats):
-            rate, in_sampler, in_read, sources = run_ours_e2e(sampler, reader, args.micro_batch, args.examples)
+            rate, in_sampler, in_read, sources, cpu_rate = run_ours_e2e(sampler, reader, args.micro_batch,
+                                                                        args.examples)
             m.samples.append(rate)
+            cpu.samples.append(cpu_rate)
             share.samples.append(100.0 * in_sampler / (in_sampler + in_read))
         freq = np.bincount(sources, minlength=len(probs)) / len(sources)
         res.info[f"ours_{mode}_tv_distance"] = float(0.5 * np.abs(freq - probs).sum())
@@ -311,13 +318,15 @@ def bench_baselines(args, res: Results, dsets: list, probs: np.ndarray) -> None:
     rows_incl = res.add("map_rows_incl_build", "map-style: rows one by one (build included)", "examples/s")
     batched = res.add("map_batched", f"map-style: .iter(batch_size={args.micro_batch}) (build "
                       "excluded)", "examples/s")
+    rows_cpu = res.add("map_rows_cpu", "map-style: rows one by one, per CPU second", "examples/cpu-s")
     map_texts: list[str] = []
     for r in range(args.repeats):
         t0 = time.perf_counter()
         mixed = interleave(dsets)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         texts = [ex["text"] for ex in itertools.islice(mixed, args.examples)]
         t2 = time.perf_counter()
+        rows_cpu.samples.append(len(texts) / (time.process_time() - c1))
         build.samples.append(t1 - t0)
         rows.samples.append(len(texts) / (t2 - t1))
         rows_incl.samples.append(len(texts) / (t2 - t0))
@@ -343,15 +352,17 @@ def bench_baselines(args, res: Results, dsets: list, probs: np.ndarray) -> None:
     ibuild = res.add("iterable_build_s", "iterable: to_iterable_dataset() x S + interleave", "s")
     irows = res.add("iterable_rows", "iterable: rows one by one", "examples/s")
     start = res.add("iterable_first_ms", "iterable: fresh start, time to first example", "ms")
+    irows_cpu = res.add("iterable_rows_cpu", "iterable: rows one by one, per CPU second", "examples/cpu-s")
     for r in range(args.repeats):
         t0 = time.perf_counter()
         mixed = build_iterable()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         stream = iter(mixed)
         first = next(stream)
         t2 = time.perf_counter()
         texts = [first["text"], *(ex["text"] for ex in itertools.islice(stream, args.iterable_examples - 1))]
         t3 = time.perf_counter()
+        irows_cpu.samples.append(len(texts) / (time.process_time() - c1))
         stream.close()
         ibuild.samples.append(t1 - t0)
         start.samples.append((t2 - t1) * 1e3)
@@ -606,15 +617,17 @@ def bench_torchdata(args, res: Results, dsets: list, probs: np.ndarray) -> dict[
                     "+ Loader", "s")
     first = res.add("torchdata_first_ms", "torchdata: fresh start, time to first example", "ms")
     rows = res.add("torchdata_rows", "torchdata: rows one by one (build excluded)", "examples/s")
+    rows_cpu = res.add("torchdata_rows_cpu", "torchdata: rows one by one, per CPU second", "examples/cpu-s")
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         loader = torchdata_loader(dsets, probs, args.seed)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         stream = iter(loader)
         texts = [next(stream)["text"]]
         t2 = time.perf_counter()
         texts += [ex["text"] for ex in itertools.islice(stream, args.examples - 1)]
         t3 = time.perf_counter()
+        rows_cpu.samples.append(len(texts) / (time.process_time() - c1))
         build.samples.append(t1 - t0)
         first.samples.append((t2 - t1) * 1e3)
         rows.samples.append(len(texts) / (t3 - t1))
@@ -777,15 +790,18 @@ def streaming_worker(spec_path: str) -> int:
     build_s = add("streaming_build_s", "streaming: StreamingDataset over S Streams (proportion=p)", "s")
     first_ms = add("streaming_first_ms", "streaming: fresh start (epoch shuffle), time to first example", "ms")
     rows = add("streaming_rows", "streaming: rows one by one, no DataLoader (build excluded)", "examples/s")
+    rows_cpu = add("streaming_rows_cpu", "streaming: rows one by one, per CPU second (all its threads)",
+                   "examples/cpu-s")
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()
         ds = build()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         it = iter(ds)
         got = [next(it)["text"]]
         t2 = time.perf_counter()
         got += [ex["text"] for ex in itertools.islice(it, spec["examples"] - 1)]
         t3 = time.perf_counter()
+        rows_cpu.append(len(got) / (time.process_time() - c1))
         build_s.append(t1 - t0)
         first_ms.append((t2 - t1) * 1e3)
         rows.append(len(got) / (t3 - t1))
@@ -960,6 +976,10 @@ def ratios_and_goals(args, res: Results) -> tuple[list[dict], list[Goal]]:
             add_ratio(f"{mode}_resume_speedup_{name}", f"{label} resume after {last:,} examples / ours "
                       f"{mode} resume at step {args.resume_step:,}", f"{name}_resume_ms@{last}",
                       f"ours_{mode}_resume_ms@{args.resume_step}")
+        for name, label in {"iterable": "iterable interleave", "map": "map-style interleave", **PEERS}.items():
+            if f"{name}_rows_cpu" in res.measures:
+                add_ratio(f"{mode}_e2e_cpu_vs_{name}", f"ours {mode} e2e / {label}, per CPU second",
+                          f"{e2e}_cpu", f"{name}_rows_cpu")
         if "streaming_resume_ms@far" in res.measures:
             add_ratio(f"{mode}_resume_speedup_streaming_same_position", f"streaming resume at example "
                       f"{args.resume_step * args.global_batch:,} / ours {mode} resume at step "

@@ -59,7 +59,8 @@ def check(stdout: str, data: dict, modes=("exact", "stochastic")) -> None:
         assert math.isfinite(median) and median > 0, (key, results[key])
         assert results[key]["samples"] and all(s > 0 for s in results[key]["samples"])
     for mode in modes:
-        for name in ("e2e_vs_iterable", "e2e_vs_map", "e2e_vs_map_incl_build", "resume_speedup"):
+        for name in ("e2e_vs_iterable", "e2e_vs_map", "e2e_vs_map_incl_build", "resume_speedup",
+                     "e2e_cpu_vs_iterable", "e2e_cpu_vs_map"):
             ratio = data["ratios"][f"{mode}_{name}"]["value"]
             assert math.isfinite(ratio) and ratio > 0
         for goal in (f"{mode}_e2e_vs_iterable", f"{mode}_e2e_vs_map", f"{mode}_index_rate",
@@ -123,7 +124,7 @@ def test_quick_run_with_peer_baselines(tmp_path):
     for name in ("torchdata", "streaming"):
         for key in (f"{name}_rows", f"{name}_first_ms", *(k for k in data["results"] if k.startswith(f"{name}_resume_ms@"))):
             assert data["results"][key]["median"] > 0, key
-        for key in (f"exact_e2e_vs_{name}", f"exact_resume_speedup_{name}"):
+        for key in (f"exact_e2e_vs_{name}", f"exact_e2e_cpu_vs_{name}", f"exact_resume_speedup_{name}"):
             assert math.isfinite(data["ratios"][key]["value"]) and data["ratios"][key]["value"] > 0
         assert set(data["checks"][name]) == set(CHECKS)
         assert data["info"][f"{name}_resume_exact"] in (True, False)
