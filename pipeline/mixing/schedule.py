@@ -64,13 +64,20 @@ class MixtureSchedule:
                 grid.add(step)
         grid.add(self.total_steps)
         self.boundaries = np.array(sorted(grid), dtype=np.int64)
-        plans = [stage.plan(sizes, float(step) / self.total_steps) for step in self.boundaries]
-        for plan in plans:
+        plans: list[MixturePlan] = []
+        constant = not stage.depends_on_progress()
+        for step in self.boundaries:
+            # A stage whose plan cannot change with progress is evaluated once (the same
+            # plan it would give at every segment).
+            plan = plans[-1] if constant and plans else stage.plan(sizes, float(step) / self.total_steps)
             if plan.sources != self.sources:
                 raise ValueError(f"stage returned sources {plan.sources}, expected {self.sources}")
+            # A plan equal (bit for bit) to the previous one is stored once: a constant
+            # mixture holds one plan, not one per segment.
+            plans.append(plans[-1] if plans and same_plan(plans[-1], plan) else plan)
         self.plans = plans
-        self.probs = np.stack([plan.sample_probs for plan in plans])
-        self.loss_weights = np.stack([plan.loss_weights for plan in plans])
+        self.probs = _rows([plan.sample_probs for plan in plans])
+        self.loss_weights = _rows([plan.loss_weights for plan in plans])
 
     adaptive = False
 
@@ -99,15 +106,49 @@ class MixtureSchedule:
     def mean_probs(self) -> np.ndarray:
         """(S,) sampling probabilities averaged over the planned run, weighted by steps."""
         lengths = np.diff(self.boundaries).astype(np.float64)
-        return (self.probs[:-1] * lengths[:, None]).sum(0) / lengths.sum()
+        # These weights build the exact allocator's source tree, so they must keep their bits.
+        # numpy's axis-0 sum orders its additions by the operand's memory layout, which the
+        # product takes from its inputs: multiply the C-ordered (M, S) rows, as when every
+        # plan was stacked, also for a constant schedule's broadcast row (a temporary copy).
+        return (np.ascontiguousarray(self.probs[:-1]) * lengths[:, None]).sum(0) / lengths.sum()
 
     def digest(self) -> str:
         """Fingerprint of what the stream depends on (sources, boundaries, probabilities)."""
         hasher = hashlib.sha256()
         hasher.update("\0".join(self.sources).encode())
         hasher.update(self.boundaries.tobytes())
-        hasher.update(np.ascontiguousarray(self.probs).tobytes())
+        for row in self.probs:  # row by row: the bytes of the (M+1, S) array, never materialised
+            hasher.update(np.ascontiguousarray(row).data)
         return hasher.hexdigest()[:16]
+
+
+def same_plan(a: MixturePlan, b: MixturePlan) -> bool:
+    """Whether two plans are equal bit for bit (probabilities, loss weights, kept and
+    per-example weights), so one can stand for both."""
+    return (a.sources == b.sources and _same_bits(a.sample_probs, b.sample_probs)
+            and _same_bits(a.loss_weights, b.loss_weights)
+            and _same_masks(a.example_keep, b.example_keep) and _same_masks(a.example_weights, b.example_weights))
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a is b or (a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes())
+
+
+def _same_masks(a, b) -> bool:
+    if a is b:
+        return True
+    if a is None or b is None or a.keys() != b.keys():
+        return False
+    return all(_same_bits(a[name], b[name]) for name in a)
+
+
+def _rows(rows: list[np.ndarray]) -> np.ndarray:
+    """(M+1, S) stacked rows; one read-only broadcast row when every row is the same array
+    (a constant schedule: 8 S bytes instead of 8 S (M+1))."""
+    if all(row is rows[0] for row in rows):
+        return np.broadcast_to(np.asarray(rows[0]), (len(rows), len(rows[0])))
+    return np.stack(rows)
 
 
 def make_schedule(stage: MixingStage, sizes: Mapping[str, float], total_steps: int,

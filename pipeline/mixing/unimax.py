@@ -45,6 +45,8 @@ class UniMax(MixingStage):
         max_epochs: most passes over any one source.
     """
 
+    caps_epochs = True  # the cap holds over the planned run only: the sampler stops there
+
     def __init__(self, budget: float, max_epochs: float = 1.0):
         budget, max_epochs = float(budget), float(max_epochs)
         if not budget > 0 or np.isinf(budget):

@@ -62,7 +62,13 @@ class ExactAllocator:
         heapq.heapify(heap)
         self.nodes: dict[int, _Node] = {}
         self.parent = np.full(2 * num - 1, -1, dtype=np.int64)
-        mass = [self.schedule.probs[:, i] for i in range(num)]  # (M+1,) per node
+        probs, segments = self.schedule.probs, self.schedule.num_segments
+        # A constant schedule gives every segment the same share at every node: compute the
+        # shares on one row (the same float operations, so the same bits) and broadcast them,
+        # instead of holding (M+1,) masses and shares per node (~160 MB at 10^4 sources).
+        constant = bool(segments > 1 and (probs == probs[0]).all())
+        rows = probs[:1] if constant else probs
+        mass = [rows[:, i] for i in range(num)]  # (M+1,) or (1,) per node; only while building
         next_id = num
         while len(heap) > 1:
             weight_a, _, a = heapq.heappop(heap)
@@ -70,13 +76,14 @@ class ExactAllocator:
             total = mass[a] + mass[b]
             with np.errstate(invalid="ignore", divide="ignore"):
                 share = np.where(total > 0, mass[a] / np.where(total > 0, total, 1.0), 0.5)
-            self.nodes[next_id] = _Node(a, b, np.minimum(share, 1.0))
+            share = np.minimum(share, 1.0)
+            self.nodes[next_id] = _Node(a, b, np.broadcast_to(share, (segments,)) if constant else share)
             self.parent[a] = self.parent[b] = next_id
             mass.append(total)
+            mass[a] = mass[b] = None  # merged: no longer needed
             heapq.heappush(heap, (weight_a + weight_b, next_id, next_id))
             next_id += 1
         self.root = heap[0][2]
-        self.node_mass = mass
 
     def _count_at_boundaries(self) -> None:
         """counts[v]: (M+1,) samples node v holds at each segment start; bases for tau."""
@@ -113,6 +120,54 @@ class ExactAllocator:
             held[node.left] = left
             held[node.right] = held[node_id] - left
         return np.array([held[i][0] for i in range(self.num_sources)], dtype=np.int64)
+
+    def allocate_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sources and per-source draw numbers of arbitrary stream positions.
+
+        A rank's slices of many steps, without the other ranks' positions: at each node a
+        sample number n goes left iff left_count(n + 1) - left_count(n) == 1, and becomes
+        left_count(n) in the left child, n - left_count(n) in the right one. The same
+        elementwise `_left_count` as `allocate`, so the same result, bit for bit.
+
+        Args:
+            positions: (K,) int64, strictly increasing, >= 0.
+
+        Returns:
+            source, draw: (K,) int64 each, as `allocate` gives for those positions.
+        """
+        positions = _sorted_positions(positions)
+        source = np.empty(len(positions), dtype=np.int64)
+        draw = np.empty(len(positions), dtype=np.int64)
+        # Work list: (node, indices into the output, the node's sample numbers, increasing).
+        work = [(self.root, np.arange(len(positions), dtype=np.int64), positions)]
+        while work:
+            node_id, where, numbers = work.pop()
+            if not len(where):  # a rank's slice misses most sources: skip their subtrees
+                continue
+            if node_id < self.num_sources:
+                source[where], draw[where] = node_id, numbers
+                continue
+            node = self.nodes[node_id]
+            left = self._left_count(node_id, numbers)
+            to_left = self._next_left_count(node_id, numbers, left) - left
+            if to_left.min() < 0 or to_left.max() > 1:
+                raise AssertionError("exact allocation lost monotonicity (numerical edge case)")
+            to_left = to_left.astype(bool)
+            work.append((node.left, where[to_left], left[to_left]))
+            work.append((node.right, where[~to_left], (numbers - left)[~to_left]))
+        return source, draw
+
+    def _next_left_count(self, node_id: int, numbers: np.ndarray, left: np.ndarray) -> np.ndarray:
+        """left_count(n + 1) for increasing `numbers` whose left_count(n) is `left`.
+
+        Runs of consecutive numbers (a rank's slice stays a run in every child) read it from
+        their neighbour; only each run's last number needs one more evaluation."""
+        after = np.empty_like(left)
+        follows = numbers[1:] == numbers[:-1] + 1
+        after[:-1] = left[1:]
+        ends = np.append(np.flatnonzero(~follows), len(numbers) - 1)
+        after[ends] = self._left_count(node_id, numbers[ends] + 1)
+        return after
 
     def allocate(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Sources and per-source draw numbers of positions [start, stop).
@@ -190,11 +245,15 @@ class StochasticAllocator:
                 length = min(self.CHUNK, int(starts[segment + 1] - starts[segment]) - offset)
                 chunks.append((int(starts[segment]) + offset, length, segment))
         self.chunks = chunks
+        self._chunk_starts = np.array([c[0] for c in chunks], dtype=np.int64)
         self.tail_start = int(starts[-1])
         self.tail_segment = len(starts) - 1
         self._chunk_counts: list[np.ndarray] = []
         self._cumulative: list[np.ndarray] = [np.zeros(self.num_sources, dtype=np.int64)]
         self._cached_block: tuple[tuple[int, int], np.ndarray] | None = None
+        # (chunk, block) -> (draws before the block (S,), its sequence, each entry's rank
+        # among the block's entries of its source): one block, the one being read.
+        self._cached_ranks: tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def carry_from(self, previous: StochasticAllocator) -> None:
         """Reuse `previous`'s drawn chunk counts where its chunks are a prefix of these (an
@@ -222,8 +281,7 @@ class StochasticAllocator:
 
     def _chunk_of(self, position: int) -> int:
         if position < self.tail_start:
-            starts = [c[0] for c in self.chunks]
-            return int(np.searchsorted(starts, position, side="right") - 1)
+            return int(np.searchsorted(self._chunk_starts, position, side="right") - 1)
         return len(self.chunks) + (position - self.tail_start) // self.CHUNK
 
     def _counts(self, index: int) -> np.ndarray:
@@ -288,3 +346,59 @@ class StochasticAllocator:
             draws.append(base[chunk] + ranks)
             position = end
         return np.concatenate(sources), np.concatenate(draws)
+
+    def allocate_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sources and per-source draw numbers of arbitrary stream positions, block by block.
+
+        Args:
+            positions: (K,) int64, strictly increasing, >= 0.
+
+        Returns:
+            source, draw: (K,) int64 each, as `allocate` gives for those positions.
+
+        A block's seeded order must be drawn whole even when a rank needs 1/W of it, so a
+        block costs each rank O(block_samples) (the stream's layout; not its world size).
+        """
+        positions = _sorted_positions(positions)
+        source = np.empty(len(positions), dtype=np.int64)
+        draw = np.empty(len(positions), dtype=np.int64)
+        first = 0
+        while first < len(positions):
+            index = self._chunk_of(int(positions[first]))
+            chunk_start, length, _ = self._chunk(index)
+            block = (int(positions[first]) - chunk_start) // self.block
+            block_start = chunk_start + block * self.block
+            last = int(np.searchsorted(positions, chunk_start + min((block + 1) * self.block, length)))
+            before, sequence, ranks = self._block_ranks(index, block)
+            within = positions[first:last] - block_start
+            source[first:last] = sequence[within]
+            draw[first:last] = before[sequence[within]] + ranks[within]
+            first = last
+        return source, draw
+
+    def _block_ranks(self, index: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(S,) draws of each source before block `block` of chunk `index`, the block's
+        sequence (block_samples,) and each entry's rank among its source's entries there."""
+        if self._cached_ranks is None or self._cached_ranks[0] != (index, block):
+            self._counts(index)
+            before, _ = self._block_counts(index, block)
+            sequence = self._block_sequence(index, block)
+            # Rank = place in the stable order by source - where that source's run starts.
+            # A stable sort's order is unique, so sorting narrow integers (numpy's radix sort
+            # for 16 bits) gives the same order as int64, several times faster.
+            narrow = sequence.astype(np.uint16) if self.num_sources <= 1 << 16 else sequence
+            order = np.argsort(narrow, kind="stable")
+            run_starts = np.cumsum(np.bincount(sequence, minlength=self.num_sources)) - np.bincount(
+                sequence, minlength=self.num_sources)
+            ranks = np.empty(len(sequence), dtype=np.int64)
+            ranks[order] = np.arange(len(sequence)) - run_starts[sequence[order]]
+            self._cached_ranks = ((index, block), self._cumulative[index] + before, sequence, ranks)
+        return self._cached_ranks[1:]
+
+
+def _sorted_positions(positions: np.ndarray) -> np.ndarray:
+    """`positions` as (K,) int64, checked strictly increasing and non-negative."""
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+    if positions.size and (positions[0] < 0 or (np.diff(positions) <= 0).any()):
+        raise ValueError("stream positions must be non-negative and strictly increasing")
+    return positions

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -118,6 +119,8 @@ class MixtureSampler:
         self.schedule = make_schedule(stage, sizes, total_steps, update_steps, self.global_batch_size,
                                       dict(zip(names, self.total_documents.tolist(), strict=True)))
         self.online = self.schedule.adaptive
+        # An epoch cap (UniMax) holds over the planned run only: refuse positions past it.
+        self.caps_epochs = bool(getattr(stage, "caps_epochs", False))
         self.kept = self._kept_examples()
         self.num_documents = self.total_documents.copy()
         self._index_map: np.ndarray | None = None
@@ -202,10 +205,39 @@ class MixtureSampler:
         """(source, index, draw) for stream positions [start, stop), each (stop-start,)."""
         if start < 0 or stop < start:
             raise ValueError(f"bad position range [{start}, {stop})")
-        if self.online and stop > start:
-            self.schedule.check_decided(-(-stop // self.global_batch_size))
+        if stop > start:
+            self._check_planned(-(-stop // self.global_batch_size))
         source, draw = self.allocator.allocate(start, stop)
         return source, self._example_index(source, draw), draw
+
+    def positions_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(source, index, draw) at arbitrary stream positions ((K,) int64, strictly
+        increasing), each (K,); the same values `positions` gives for them. A rank reads its
+        own slices with it, at a cost that does not grow with the world size."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size:
+            self._check_planned(int(positions[-1]) // self.global_batch_size + 1)
+        source, draw = self.allocator.allocate_at(positions)
+        return source, self._example_index(source, draw), draw
+
+    def _check_planned(self, stop_step: int) -> None:
+        """Raise unless steps [0, stop_step) may be drawn: decided (online mixing) and, for a
+        mixture that caps epochs, within the planned run."""
+        if self.online:
+            self.schedule.check_decided(stop_step)
+        if self.caps_epochs and stop_step > self.total_steps:
+            raise ValueError(f"step {stop_step - 1} is past run.total_steps={self.total_steps}: the mixture caps "
+                             "epochs per source (UniMax max_epochs) over the planned run only; raise run.total_steps")
+
+    def rank_positions(self, first_step: int, num_steps: int, rank: int, world_size: int) -> np.ndarray:
+        """(num_steps * per_rank,) stream positions of rank `rank`'s slices of global steps
+        [first_step, first_step + num_steps), in order."""
+        per_rank = self.per_rank_batch_size(world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        starts = (np.arange(first_step, first_step + num_steps, dtype=np.int64) * self.global_batch_size
+                  + rank * per_rank)
+        return (starts[:, None] + np.arange(per_rank, dtype=np.int64)).reshape(-1)
 
     def global_batch(self, step: int) -> GlobalBatch:
         start = step * self.global_batch_size
@@ -319,11 +351,14 @@ class RankBatchSampler:
 
     Each item is a list of (source_id, example_index, global_step) triples. Batches are
     made in the main process, so `num_workers` only changes who loads rows, never which.
+    A rank computes only its own slices (`MixtureSampler.positions_at`), so its cost per
+    example does not grow with the world size.
 
     One pass (a Lightning "epoch") is the planned run: `len()` is always
     total_steps * micro-batches per step, and each `iter()` starts at `start_step` (an int,
     or a callable such as ``lambda: trainer.global_step``, read at every `iter()`) and runs
-    to the end of the pass that step falls in. Lightning counts a resumed epoch's batches
+    to the end of the pass that step falls in (for a mixture that caps epochs, to
+    run.total_steps: there is no second pass). Lightning counts a resumed epoch's batches
     from the checkpoint, so reporting the full pass keeps its bookkeeping aligned.
 
     Args:
@@ -353,25 +388,31 @@ class RankBatchSampler:
         if self.num_steps is not None:
             return range(start, start + int(self.num_steps))
         total = self.sampler.total_steps
+        if self.sampler.caps_epochs:  # no second pass: it would break the epoch cap
+            return range(start, max(start, total))
         return range(start, (start // total + 1) * total)
 
     def __len__(self) -> int:
         steps = self.sampler.total_steps if self.num_steps is None else int(self.num_steps)
         return steps * self.accumulation
 
-    # Positions generated per call: the allocators' per-call cost is fixed (a tree walk,
-    # a permutation pass), so small global batches are generated a window at a time.
+    # This rank's positions generated per call: the allocators' per-call cost is fixed (a
+    # tree walk, a permutation pass), so small slices are generated many steps at a time;
+    # but a window spans at most WINDOW_GLOBAL_SAMPLES stream positions, as the stochastic
+    # allocator draws every block a window touches whole (the first batch's latency).
     WINDOW_SAMPLES = 1 << 16
+    WINDOW_GLOBAL_SAMPLES = 1 << 20
 
     def __iter__(self) -> Iterator[MicroBatch]:
         steps = self.steps()
-        batch = self.sampler.global_batch_size
-        per_rank = batch // self.world_size
-        window = max(1, self.WINDOW_SAMPLES // batch)
+        per_rank = self.geometry.per_rank_batch_size
+        window = max(1, min(self.WINDOW_SAMPLES // per_rank,
+                            self.WINDOW_GLOBAL_SAMPLES // self.sampler.global_batch_size))
         size = self.micro_batch_size
         first = steps.start
         while first < steps.stop:
-            count = min(window, steps.stop - first)
+            # The first window is one step: a restart's first batch need not wait for a window.
+            count = min(window if first > steps.start else 1, steps.stop - first)
             decided = self.sampler.decided_steps  # online mixing: never generate past the decided plan
             if decided is not None:
                 if first >= decided:
@@ -380,16 +421,30 @@ class RankBatchSampler:
                         f"decided its plan (decided up to step {decided}); raise lag_windows or update_every, "
                         "or lower loader.num_workers / prefetch")
                 count = min(count, decided - first)
-            source, index, _ = self.sampler.positions(first * batch, (first + count) * batch)
+            source, index = self._slices(first, count)
+            # One conversion per window, then list slices: with many ranks a step's slice is
+            # small, and per-step numpy calls would dominate its cost.
+            sources, indices = source.tolist(), index.tolist()
             for offset in range(count):
                 step = first + offset
-                lo = offset * batch + self.rank * per_rank
-                triples = [(s, i, step) for s, i in
-                           zip(source[lo:lo + per_rank].tolist(), index[lo:lo + per_rank].tolist(), strict=True)]
+                lo = offset * per_rank
+                triples = list(zip(sources[lo:lo + per_rank], indices[lo:lo + per_rank], repeat(step, per_rank),
+                                   strict=True))
                 for micro in range(self.accumulation):
                     yield MicroBatch(triples[micro * size:(micro + 1) * size],
                                      step_items=triples if micro == 0 else None)
             first += count
+
+    def _slices(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, index), each (count * per_rank,): this rank's slices of steps
+        [first, first + count) and nothing of the other ranks' (one range when alone)."""
+        batch = self.sampler.global_batch_size
+        if self.world_size == 1:
+            source, index, _ = self.sampler.positions(first * batch, (first + count) * batch)
+        else:
+            positions = self.sampler.rank_positions(first, count, self.rank, self.world_size)
+            source, index, _ = self.sampler.positions_at(positions)
+        return source, index
 
 
 class MicroBatch(list):

@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -58,8 +58,30 @@ def log_run_start(logger, cfg: DictConfig, report) -> None:
         path.write_text(",".join(columns) + "\n" + "\n".join(",".join(str(r[c]) for c in columns) for r in rows) + "\n")
 
 
+def check_max_steps(cfg: DictConfig) -> None:
+    """Refuse `trainer.max_steps` past `run.total_steps` when a mixture stage caps epochs per
+    source (UniMax): its cap holds over the planned run only, and the sampler refuses the
+    steps after it. Reads only the stages' classes, so it runs before any data is prepared.
+
+    Raises:
+        ValueError: naming both keys and values.
+    """
+    max_steps = (cfg.get("trainer") or {}).get("max_steps")
+    if max_steps is None or 0 <= int(max_steps) <= int(cfg.run.total_steps):
+        return  # unset: the run stops at run.total_steps (-1, Lightning's "no limit", does not)
+    capping = [stage.get("_target_") for stage in (cfg.get("mixture") or {}).get("stages") or []
+               if stage.get("_target_") and getattr(get_class(stage.get("_target_")), "caps_epochs", False)]
+    if capping:
+        raise ValueError(f"trainer.max_steps={int(max_steps)} exceeds run.total_steps={int(cfg.run.total_steps)}, but "
+                         f"mixture stage {capping[0]} caps epochs over the planned run; raise run.total_steps instead")
+
+
 def output_dir_of(cfg: DictConfig) -> Path:
-    """The run directory: `output_dir` if set, else Hydra's, else ./outputs/<time>."""
+    """The run directory: `output_dir` if set, else Hydra's, else ./outputs/<time>.
+
+    The first thing `pipeline.train` asks of this module, right after composing: it also
+    refuses step counts the mixture cannot serve (`check_max_steps`), before any data work."""
+    check_max_steps(cfg)
     if cfg.get("output_dir"):
         return Path(cfg.output_dir)
     if HydraConfig.initialized():
