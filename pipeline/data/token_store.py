@@ -148,6 +148,11 @@ class TokenStore:
         except (KeyError, TypeError) as err:
             raise ValueError(f"token store metadata {str(meta_path)!r} is incomplete: {err!r}") from err
 
+    def __reduce__(self):
+        # Pickled (to spawned dataloader workers) as its path and metadata, and mapped again
+        # there: pickling the memory maps would copy every token into the message.
+        return (TokenStore, (self.path, self.meta))
+
     def _column(self, column: str | None) -> str:
         if column is None:
             return self.columns[0]

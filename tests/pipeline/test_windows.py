@@ -219,3 +219,19 @@ def test_document_mode_reads_the_token_stores_and_builds_the_same_rows(window_da
     rng = np.random.default_rng(0)
     items = [(s, int(rng.integers(split.train[n])), 0) for s, n in enumerate(names) for _ in range(3)]
     assert from_stores.build(items) == from_text.build(items)
+
+
+def test_windows_pickle_as_their_store_path_not_their_tokens(window_data):
+    """Spawned dataloader workers get the windows by pickle: the memory maps are mapped again
+    there instead of copied into the message."""
+    import pickle
+
+    cfg, corpus, tokenizer = window_data
+    name = max((n for n in corpus.source_names if corpus.kind(n) == "mono"), key=lambda n: corpus.token_stores[n].total_tokens)
+    windows = TokenWindows(corpus.token_stores[name], MAX_LENGTH, tokenizer.bos_id, tokenizer.eos_id)
+    blob = pickle.dumps(windows)
+    assert len(blob) < corpus.token_stores[name].tokens().nbytes
+    again = pickle.loads(blob)
+    every = np.arange(windows.num_windows)
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+               for a, b in zip(windows.read(every), again.read(every), strict=True))
