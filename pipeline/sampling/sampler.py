@@ -396,18 +396,21 @@ class RankBatchSampler:
         steps = self.sampler.total_steps if self.num_steps is None else int(self.num_steps)
         return steps * self.accumulation
 
-    # This rank's positions generated per call: the allocators' per-call cost is fixed (a
-    # tree walk, a permutation pass), so small slices are generated many steps at a time;
-    # but a window spans at most WINDOW_GLOBAL_SAMPLES stream positions, as the stochastic
-    # allocator draws every block a window touches whole (the first batch's latency).
+    # This rank's positions generated per call, at least: the allocators' per-call cost is
+    # fixed (a tree walk over 2S - 1 nodes, a permutation pass), so small slices are made
+    # many steps at a time, and more with more sources (WINDOW_PER_SOURCE each).
     WINDOW_SAMPLES = 1 << 16
-    WINDOW_GLOBAL_SAMPLES = 1 << 20
+    WINDOW_PER_SOURCE = 64
+
+    def window_steps(self) -> int:
+        """Global steps generated per allocator call (after the first, which is one step)."""
+        samples = max(self.WINDOW_SAMPLES, self.WINDOW_PER_SOURCE * len(self.sampler.sources))
+        return max(1, samples // self.geometry.per_rank_batch_size)
 
     def __iter__(self) -> Iterator[MicroBatch]:
         steps = self.steps()
         per_rank = self.geometry.per_rank_batch_size
-        window = max(1, min(self.WINDOW_SAMPLES // per_rank,
-                            self.WINDOW_GLOBAL_SAMPLES // self.sampler.global_batch_size))
+        window = self.window_steps()
         size = self.micro_batch_size
         first = steps.start
         while first < steps.stop:
