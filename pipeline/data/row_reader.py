@@ -76,7 +76,8 @@ class RowReader:
         source_ids = np.asarray(source_ids, dtype=np.int64)
         rows = np.asarray(rows, dtype=np.int64)
         self._check(source_ids, rows)
-        kinds = {self.kinds[i] for i in np.unique(source_ids).tolist()}
+        # (a set, not np.unique: its first call imports a numpy submodule, ~0.3 s of a restart)
+        kinds = {self.kinds[i] for i in set(source_ids.tolist())}
         if len(kinds) > 1:
             raise ValueError(f"read_columns needs rows of one kind, got {sorted(kinds)}")
         if not len(rows):
