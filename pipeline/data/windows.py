@@ -78,22 +78,44 @@ class TokenWindows:
 
     def read(self, windows) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per window: (ids (n,), segments (n,)) int64 with n = stop - first tokens; segment j
-        counts the document starts after the window's first token up to position j."""
+        counts the document starts after the window's first token up to position j.
+
+        Vectorised over segments (the part of one document inside one window), not stream
+        positions: two binary searches per window find its documents; a document's framed
+        span ``[starts[d], starts[d + 1])`` holds ``<bos>`` then ``ids`` at token index
+        ``position - 2 d - 1`` then ``<eos>``, so every token is one gather at a per-segment
+        shift, and only the few ``<bos>``/``<eos>`` positions are set apart.
+        """
         first, stop = self.spans(windows)
         if not first.size:
             return []
+        starts = self._starts
         counts = stop - first
-        positions = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
-        document = np.searchsorted(self._starts, positions, side="right") - 1
-        within = positions - self._starts[document]  # 0: <bos>; len + 1: <eos>; else ids[within - 1]
-        ids = np.full(positions.size, self.eos_id, dtype=np.int64)
-        ids[within == 0] = self.bos_id
-        body = (within > 0) & (within <= self._lengths[document])
-        ids[body] = self._tokens[self._offsets[document[body]] + within[body] - 1]
+        # Documents holding each window's first and last position (starts[-1] = N > any position).
+        low = np.searchsorted(starts, first, side="right") - 1
+        high = np.searchsorted(starts, stop - 1, side="right") - 1
+        per_window = high - low + 1
+        window_of = np.repeat(np.arange(first.size), per_window)
+        # Segment j of window k belongs to document low[k] + (j - the window's first segment).
+        segment_doc = np.arange(window_of.size) - np.repeat(np.cumsum(per_window) - per_window - low, per_window)
+        begin = np.maximum(starts[segment_doc], first[window_of])
+        end = np.minimum(starts[segment_doc + 1], stop[window_of])
+        length = end - begin
+        out_start = np.cumsum(length) - length  # each segment's first output index
+        total = int(counts.sum())
+        # Stream position p of document d holds token index p - 2 d - 1 (its <bos> and <eos>
+        # fall one outside the document's tokens: clipped here, overwritten below).
+        index = np.repeat(begin - 2 * segment_doc - 1 - out_start, length) + np.arange(total)
+        if self._tokens.size:
+            ids = np.take(self._tokens, index, mode="clip").astype(np.int64)
+        else:  # every document empty: only <bos> and <eos>, all set below
+            ids = np.empty(total, dtype=np.int64)
+        ids[out_start[begin == starts[segment_doc]]] = self.bos_id
+        ids[(out_start + length - 1)[end == starts[segment_doc + 1]]] = self.eos_id
+        segments = np.repeat(segment_doc - low[window_of], length)
         out = []
         cut = 0
         for count in counts.tolist():
-            doc = document[cut:cut + count]
-            out.append((ids[cut:cut + count], doc - doc[0]))
+            out.append((ids[cut:cut + count], segments[cut:cut + count]))
             cut += count
         return out
