@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_recipes.base import Recipe
 from pipeline.config import CONFIG_DIR, check_targets
-from pipeline.config.data import loader_unit
+from pipeline.config.loader import loader_unit
 from pipeline.data.build_corpus import prepare_sources
 from pipeline.data.corpus import PreparedCorpus
 from pipeline.data.token_stats import count_tokens

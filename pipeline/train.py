@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from pipeline.config import CONFIG_DIR, check_targets
-from pipeline.config.data import datamodule_from_config, loader_unit
+from pipeline.config.data import datamodule_from_config
+from pipeline.config.loader import loader_unit
 from pipeline.config.models import build_model
 from pipeline.mixing.report import build_report, format_report
 from pipeline.prepare import prepare_once

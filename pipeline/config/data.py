@@ -14,27 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from pipeline.config.loader import loader_unit
 from pipeline.config.mixing import build_sampler
 from pipeline.data.datamodule import MixtureDataModule, select_sources
 from pipeline.data.image_text import ImageTextDataModule, image_text_info, reference_sources
 from pipeline.data.split import SourceSplit
 from pipeline.data.windows import TokenWindows
 from pipeline.sampling.sampler import MixtureSampler
-
-LOADER_UNITS = ("document", "window")
-
-
-def loader_unit(cfg: DictConfig) -> str:
-    """``loader.unit`` (default ``document``), checked against `LOADER_UNITS`."""
-    unit = OmegaConf.select(cfg, "loader.unit", default="document")
-    if unit not in LOADER_UNITS:
-        raise ValueError(f"loader.unit must be one of {LOADER_UNITS}, got {unit!r}")
-    if unit == "window" and OmegaConf.select(cfg, "loader.pack", default=False):
-        raise ValueError("loader.pack=true packs whole documents, but loader.unit=window already fills every row "
-                         "with a window; set loader.pack=false")
-    return unit
 
 
 def source_windows(cfg: DictConfig, corpus, tokenizer, names) -> dict[str, TokenWindows]:

@@ -128,3 +128,12 @@ def test_job_array_shards_as_separate_processes_then_publish(tmp_path):
     in_process, _ = prepare(compose_config(base))
     assert store_bytes(root) == sharded
     assert published.sizes("tokens") == in_process.sizes("tokens")
+
+
+def test_the_prepare_entry_imports_no_torch_or_lightning():
+    """`prepare.workers` spawns processes that import the entry module again: with torch and
+    Lightning behind it, each worker paid ~12 CPU-s of imports before encoding anything."""
+    probe = ("import sys, pipeline.prepare; heavy = sorted({'torch', 'lightning', 'datasets'} & set(sys.modules)); "
+             "print(heavy); sys.exit(1 if heavy else 0)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"pipeline.prepare imports {result.stdout.strip()}\n{result.stderr[-2000:]}"
