@@ -40,6 +40,7 @@ class TokenWindows:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"loader.max_length must be a positive int for windows, got {max_length!r}")
         self.source = store.source
+        self._store, self._column = store, column
         self.max_length = int(max_length)
         self.bos_id, self.eos_id = int(bos_id), int(eos_id)
         self._tokens = store.tokens(column)
@@ -55,6 +56,9 @@ class TokenWindows:
 
     def __len__(self) -> int:
         return self.num_windows
+
+    def __reduce__(self):  # rebuilt from the store (which pickles as its path), not its arrays
+        return (TokenWindows, (self._store, self.max_length, self.bos_id, self.eos_id, self._column))
 
     def _check(self, windows: np.ndarray) -> None:
         if windows.size and (windows.min() < 0 or windows.max() >= self.num_windows):
