@@ -127,16 +127,43 @@ class MixtureDataset(Dataset):
         examples = self._take_built(items) or self.build(items)
         step_items = getattr(items, "step_items", None)
         if step_items is not None and examples:
-            # First micro-batch of a step: count the targets of the rank's whole step. The
-            # step's later micro-batches are built here anyway, so keep them for their turn
-            # (in this process; another dataloader worker builds its own).
+            # First micro-batch of a step: count the targets of the rank's whole step. Windows
+            # and pre-tokenized mono rows are counted from lengths alone; other rows are built
+            # here and kept for their turn (in this process; another dataloader worker builds
+            # its own, so this path costs more work with workers).
             rest = list(step_items[len(items):])
-            others = self.build(rest)
-            self._built = (rest, others)
-            examples[0]["step_target_tokens"] = sum(
-                num_targets(e, self.max_length) for e in examples + others if e["step"] != PADDING_STEP
-            )
+            counted = self.count_targets(rest)
+            if counted is None:
+                others = self.build(rest)
+                self._built = (rest, others)
+                counted = sum(num_targets(e, self.max_length) for e in others if e["step"] != PADDING_STEP)
+            examples[0]["step_target_tokens"] = counted + sum(
+                num_targets(e, self.max_length) for e in examples if e["step"] != PADDING_STEP)
         return examples
+
+    def count_targets(self, items: Sequence[tuple[int, int, int]]) -> int | None:
+        """Targets the collator will keep for `items` (padding rows excluded), from lengths
+        only, or None when a row must be built to know (translation, or on-the-fly text)."""
+        kept = [item for item in items if item[2] != PADDING_STEP]
+        if not kept:
+            return 0
+        source_ids = np.fromiter((item[0] for item in kept), dtype=np.int64, count=len(kept))
+        indices = np.fromiter((item[1] for item in kept), dtype=np.int64, count=len(kept))
+        countable = [self.windows[s] is not None or (self.stores is not None and self.reader.kinds[s] == "mono")
+                     for s in np.unique(source_ids).tolist()]
+        if not all(countable):
+            return None
+        rows = self.split.rows_many(self.sources, source_ids, indices, self.part)
+        total = 0
+        for s in np.unique(source_ids).tolist():
+            mine = rows[source_ids == s]
+            if self.windows[s] is not None:
+                total += int(self.windows[s].targets(mine).sum())
+            else:  # <bos> ids[:max_length - 1] <eos>: min(len + 1, max_length) targets
+                offsets = self.stores[s].offsets("text")
+                lengths = offsets[mine + 1] - offsets[mine]
+                total += int(np.minimum(lengths + 1, self.max_length).sum())
+        return total
 
     def _take_built(self, items) -> list[dict[str, Any]] | None:
         """The examples built for `items` by the step's first micro-batch, if they are next."""

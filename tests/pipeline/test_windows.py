@@ -235,3 +235,23 @@ def test_windows_pickle_as_their_store_path_not_their_tokens(window_data):
     every = np.arange(windows.num_windows)
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
                for a, b in zip(windows.read(every), again.read(every), strict=True))
+
+
+@pytest.mark.parametrize("unit", ["window", "document"])
+def test_a_steps_targets_are_counted_from_lengths_as_the_collator_keeps_them(window_data, compose_config, unit):
+    """The first micro-batch of a step carries the rank's target count for the whole step;
+    windows and pre-tokenized mono rows count it without building the step's other rows."""
+    from pipeline.sampling.sampler import MicroBatch
+
+    module = _datamodule(window_data, compose_config, f"loader.unit={unit}", "sources.kinds=[mono]",
+                         "loader.max_length=8")  # short rows: document mode truncates some
+    assert module.train_set.stores is not None
+    step = [(s, j, 3) for s in range(0, 30, 3) for j in range(2)]
+    assert module.train_set.count_targets(step) is not None
+    first = module.train_set.__getitems__(MicroBatch(step[:4], step_items=step))
+    built = module.train_set.build(step)
+    if unit == "document":  # some of these documents are longer than a row: truncated
+        rows = module.split.rows_many(module.sources, np.array([i[0] for i in step]), np.array([i[1] for i in step]))
+        assert any(module.train_set.stores[i[0]].document(int(r)).size + 1 > 8 for i, r in zip(step, rows, strict=True))
+    assert first[0]["step_target_tokens"] == sum(num_targets(e, 8) for e in built)
+    assert module.train_set.count_targets(step) == sum(num_targets(e, 8) for e in built)
