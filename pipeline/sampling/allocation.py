@@ -251,6 +251,8 @@ class StochasticAllocator:
         self._chunk_counts: list[np.ndarray] = []
         self._cumulative: list[np.ndarray] = [np.zeros(self.num_sources, dtype=np.int64)]
         self._cached_block: tuple[tuple[int, int], np.ndarray] | None = None
+        # The last block descent: [(chunk, lo, hi, counts of blocks [lo, hi), counts before lo)].
+        self._descent: list[tuple[int, int, int, np.ndarray, np.ndarray]] = []
         # (chunk, block) -> (draws before the block (S,), its sequence, each entry's rank
         # among the block's entries of its source): one block, the one being read.
         self._cached_ranks: tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -294,11 +296,19 @@ class StochasticAllocator:
         return self._chunk_counts[index]
 
     def _block_counts(self, index: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """(counts before `block` within chunk `index`, counts of `block`), by tree descent."""
+        """(counts before `block` within chunk `index`, counts of `block`), by tree descent.
+
+        The last descent's path is kept: the next block (a stream is read in order) shares
+        all but its last levels, and each node's draw is a pure function of its seeded key
+        and counts, so resuming from the deepest shared node gives the same counts."""
         _, length, _ = self._chunk(index)
-        lo, hi = 0, -(-length // self.block)
-        counts = self._counts(index)
-        before = np.zeros(self.num_sources, dtype=np.int64)
+        path = self._descent if self._descent and self._descent[0][0] == index else None
+        if path is None:
+            path = self._descent = [(index, 0, -(-length // self.block), self._counts(index),
+                                     np.zeros(self.num_sources, dtype=np.int64))]
+        while not path[-1][1] <= block < path[-1][2]:
+            path.pop()
+        _, lo, hi, counts, before = path[-1]
         while hi - lo > 1:
             mid = (lo + hi) // 2
             left_size = min(mid * self.block, length) - lo * self.block
@@ -306,8 +316,8 @@ class StochasticAllocator:
             if block < mid:
                 counts, hi = left, mid
             else:
-                before += left
-                counts, lo = counts - left, mid
+                before, counts, lo = before + left, counts - left, mid
+            path.append((index, lo, hi, counts, before))
         return before, counts
 
     def _block_sequence(self, index: int, block: int) -> np.ndarray:

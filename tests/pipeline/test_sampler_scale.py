@@ -252,3 +252,17 @@ def test_row_reader_names_an_unreadable_source(demo_data, tmp_path):
     reader = RowReader(Moved(), [name])
     with pytest.raises(ValueError, match=f"prepared source .*{name}.* is unreadable"):
         reader.read(np.array([0]), np.array([0]))
+
+
+def test_stochastic_block_descents_reused_in_any_order_give_the_same_stream(monkeypatch):
+    """The allocator keeps its last block descent; reads in any order match fresh samplers."""
+    monkeypatch.setattr(StochasticAllocator, "CHUNK", 700)  # several chunks, each of several blocks
+
+    def sampler():
+        return _sampler([5000, 700, 650, 90, 12, 3], "cooldown", 5.0, 0.5, 24, 40, 7, "stochastic", block=29)
+
+    reused = sampler()
+    for start, stop in [(900, 1400), (0, 300), (2000, 2100), (299, 905), (1399, 2500)]:
+        for ours, fresh in zip(reused.positions(start, stop), sampler().positions(start, stop), strict=True):
+            np.testing.assert_array_equal(ours, fresh)
+        np.testing.assert_array_equal(reused.allocator.counts_at(stop), sampler().allocator.counts_at(stop))
