@@ -739,9 +739,9 @@ def bench_streaming(args, res: Results, dsets: list, probs: np.ndarray,
     streams = result["world_streams"]
     for world in CHECK_WORLDS:
         checks[f"world_{world}"] = compare_steps(streams[str(world)], streams["1"][0], CHECK_GLOBAL, CHECK_STEPS)
-        checks[f"world_{world}"]["detail"] += (f" (simulated ranks: RANK/WORLD_SIZE, one rank per node, "
-                                                f"num_canonical_nodes={args.canonical_nodes}, batch_size="
-                                                f"{CHECK_GLOBAL}/W)")
+        checks[f"world_{world}"]["detail"] += (f" (W concurrent processes on one node: RANK, WORLD_SIZE, "
+                                                f"LOCAL_RANK, LOCAL_WORLD_SIZE, gloo; num_canonical_nodes="
+                                                f"{args.canonical_nodes}, batch_size={CHECK_GLOBAL}/W)")
     log.info("streaming: convert %.2f s, rows %s/s", res.median("streaming_convert_s"),
              fmt(res.median("streaming_rows")))
     return checks, ""
