@@ -392,6 +392,12 @@ COVERAGE: dict[str, Scaled] = {
     ".venv/bin/python -m pipeline.report experiment=demo loader.unit=window mixture=unimax":
         Scaled(append=("cache_dir={cache}", "progress=false", "loader.max_length=16"),
                check=output_contains("epochs count windows", "UniMax")),
+    # docs/BENCHMARKS.md: the sampler's peer baselines (make -n: the target runs the benchmark with them)
+    'make bench-baselines BENCH_ARGS="--json .cache/bench_sampler_baselines.json"':
+        Scaled(runner="make", check=output_contains("scripts/bench_sampler.py --baselines all")),
+    # docs/BENCHMARKS.md: window vs document mode (its smoke size)
+    ".venv/bin/python scripts/bench_windows.py --read-baseline 208fbc3 --json .cache/bench_windows.json":
+        Scaled(append=("--quick",), check=output_contains("window mode")),
     # docs/BENCHMARKS.md: preparation with token stores (two languages, a few repetitions)
     BENCH_LONG_DOCS: Scaled(replace=(("../shared/data/tatoeba/mono/*.txt", "$MIXPIPE_SHARED/data/tatoeba/mono/[ae]*.txt"),
                                      ("$(seq 32)", "$(seq 2)")),
