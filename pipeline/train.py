@@ -32,6 +32,7 @@ def train(cfg: DictConfig) -> dict:
     geometry = geometry_from_config(cfg)  # batch sizes checked before any data or process
     loader_unit(cfg)  # loader.unit and its combination with loader.pack, likewise
     check_targets(cfg)  # mixture stage and data recipe keys against their _target_
+    assemble.check_max_steps(cfg)  # no steps past a plan whose mixture caps epochs (UniMax)
     output_dir = assemble.output_dir_of(cfg)
     # One job per output_dir; no fresh run over an old one (overwrite=true, ckpt_path resume).
     with claim_output_dir(output_dir, overwrite=bool(cfg.get("overwrite")), resuming=bool(cfg.get("ckpt_path"))):

@@ -53,6 +53,9 @@ class Manual(MixingStage):
             raise ValueError(f"{what} missing for source {missing[0]!r} and no default is set")
         return np.array([float(table.get(name, default)) for name in names])
 
+    def depends_on_progress(self) -> bool:
+        return False  # the plan is the same at every step
+
     def apply(
         self, sizes: Mapping[str, float], progress: float, previous: MixturePlan | None
     ) -> MixturePlan:

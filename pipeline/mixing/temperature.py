@@ -44,6 +44,9 @@ class Temperature(MixingStage):
         self.tau = validate_tau(tau)
         self.maximum = None if maximum is None else _validate_maximum(maximum)
 
+    def depends_on_progress(self) -> bool:
+        return False  # the plan is the same at every step
+
     def apply(
         self, sizes: Mapping[str, float], progress: float, previous: MixturePlan | None
     ) -> MixturePlan:

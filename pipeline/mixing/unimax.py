@@ -56,6 +56,9 @@ class UniMax(MixingStage):
         self.budget = budget
         self.max_epochs = max_epochs
 
+    def depends_on_progress(self) -> bool:
+        return False  # the plan is the same at every step
+
     def apply(
         self, sizes: Mapping[str, float], progress: float, previous: MixturePlan | None
     ) -> MixturePlan:

@@ -31,6 +31,9 @@ class Upweight(MixingStage):
         self.sample_tau = validate_tau(sample_tau, "sample_tau")
         self.maximum = maximum
 
+    def depends_on_progress(self) -> bool:
+        return False  # the plan is the same at every step
+
     def apply(
         self, sizes: Mapping[str, float], progress: float, previous: MixturePlan | None
     ) -> MixturePlan:

@@ -77,11 +77,7 @@ def check_max_steps(cfg: DictConfig) -> None:
 
 
 def output_dir_of(cfg: DictConfig) -> Path:
-    """The run directory: `output_dir` if set, else Hydra's, else ./outputs/<time>.
-
-    The first thing `pipeline.train` asks of this module, right after composing: it also
-    refuses step counts the mixture cannot serve (`check_max_steps`), before any data work."""
-    check_max_steps(cfg)
+    """The run directory: `output_dir` if set, else Hydra's, else ./outputs/<time>."""
     if cfg.get("output_dir"):
         return Path(cfg.output_dir)
     if HydraConfig.initialized():

@@ -208,3 +208,13 @@ def test_torchrun_ranks_share_the_lock_and_a_nonfinite_loss_stops_both(demo_data
     assert len(steps) == 1, output[-3000:]
     record = strict_loads((out / "results.json").read_text())
     assert record["status"] == f"failed: non-finite loss at step {steps.pop()}" and record["world_size"] == 2
+
+
+def test_steps_past_a_plan_that_caps_epochs_are_refused_before_any_data_work(compose_config, tmp_path):
+    """UniMax's epoch cap holds over run.total_steps only: trainer.max_steps beyond it fails at
+    once, naming both keys (no data prepared, no output directory created)."""
+    cfg = compose_config(["experiment=demo", "mixture=unimax", "run.total_steps=10", "+trainer.max_steps=11",
+                          f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"trainer.max_steps=11 exceeds run.total_steps=10.*UniMax"):
+        train(cfg)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()

@@ -80,6 +80,9 @@ class M4(MixingStage):
             return 1.0
         return float(self.masks[source].mean()) if self.mode == "subsample" else float(self.keep[source].mean())
 
+    def depends_on_progress(self) -> bool:
+        return False  # the plan is the same at every step
+
     def apply(self, sizes: Mapping[str, float], progress: float, previous: MixturePlan | None) -> MixturePlan:
         names, array = validate_sizes(sizes)
         unknown = sorted(set(self.keep) - set(names))
