@@ -395,6 +395,9 @@ COVERAGE: dict[str, Scaled] = {
     # docs/BENCHMARKS.md: the sampler's peer baselines (make -n: the target runs the benchmark with them)
     'make bench-baselines BENCH_ARGS="--json .cache/bench_sampler_baselines.json"':
         Scaled(runner="make", check=output_contains("scripts/bench_sampler.py --baselines all")),
+    # docs/BENCHMARKS.md: the sampler at 10..10,000 sources (its smoke size)
+    ".venv/bin/python scripts/bench_sampler_scale.py --json .cache/bench_sampler_scale.json":
+        Scaled(append=("--quick",), check=output_contains("restart in a fresh process", "goals")),
     # docs/BENCHMARKS.md: window vs document mode (its smoke size)
     ".venv/bin/python scripts/bench_windows.py --read-baseline 208fbc3 --json .cache/bench_windows.json":
         Scaled(append=("--quick",), check=output_contains("window mode")),
