@@ -358,9 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.restart_worker:
         return restart_worker(args.restart_worker)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.code_root != REPO:
-        sys.path.insert(0, str(args.code_root))
+    if args.code_root != REPO and os.environ.get("PYTHONPATH") != str(args.code_root):
+        # Another checkout's package: run this script again with it first on the path (the
+        # functions below import `pipeline` lazily, so they get that one).
         log.info("measuring the pipeline package of %s", args.code_root)
+        env = {**os.environ, "PYTHONPATH": str(args.code_root)}
+        return subprocess.run([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)], env=env).returncode
     started = time.perf_counter()
     cases = []
     for num_sources in args.sources:
