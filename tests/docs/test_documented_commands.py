@@ -395,12 +395,14 @@ COVERAGE: dict[str, Scaled] = {
     # docs/BENCHMARKS.md: the sampler's peer baselines (make -n: the target runs the benchmark with them)
     'make bench-baselines BENCH_ARGS="--json .cache/bench_sampler_baselines.json"':
         Scaled(runner="make", check=output_contains("scripts/bench_sampler.py --baselines all")),
-    # docs/BENCHMARKS.md: the sampler at 10..10,000 sources (its smoke size)
+    # docs/BENCHMARKS.md: the sampler at 10..10,000 sources (its smoke size; slow: the same --quick
+    # run is tests/scripts/test_bench_sampler_scale.py's, with its JSON checked)
     ".venv/bin/python scripts/bench_sampler_scale.py --json .cache/bench_sampler_scale.json":
-        Scaled(append=("--quick",), check=output_contains("restart in a fresh process", "goals")),
-    # docs/BENCHMARKS.md: window vs document mode (its smoke size)
+        Scaled(append=("--quick",), check=output_contains("restart in a fresh process", "goals"), slow=True),
+    # docs/BENCHMARKS.md: window vs document mode (its smoke size; slow: the same --quick run is
+    # tests/scripts/test_bench_windows.py's, which also checks the trained share)
     ".venv/bin/python scripts/bench_windows.py --read-baseline 208fbc3 --json .cache/bench_windows.json":
-        Scaled(append=("--quick",), check=output_contains("window mode")),
+        Scaled(append=("--quick",), check=output_contains("window mode"), slow=True),
     # docs/BENCHMARKS.md: preparation with token stores (two languages, a few repetitions)
     BENCH_LONG_DOCS: Scaled(replace=(("../shared/data/tatoeba/mono/*.txt", "$MIXPIPE_SHARED/data/tatoeba/mono/[ae]*.txt"),
                                      ("$(seq 32)", "$(seq 2)")),

@@ -55,6 +55,7 @@ def test_every_shipped_mixture_composes_and_reports(demo_data, compose_config, m
     assert report.expected_draws.sum() == pytest.approx(cfg.run.total_steps * cfg.run.global_batch_size)
 
 
+@pytest.mark.slow  # the documented `pipeline.report` commands run by tests/docs cover the CLI by default
 def test_report_cli_runs(demo_data, tmp_path):
     cfg, _, _ = demo_data
     result = subprocess.run(
