@@ -255,3 +255,20 @@ def test_a_steps_targets_are_counted_from_lengths_as_the_collator_keeps_them(win
         assert any(module.train_set.stores[i[0]].document(int(r)).size + 1 > 8 for i, r in zip(step, rows, strict=True))
     assert first[0]["step_target_tokens"] == sum(num_targets(e, 8) for e in built)
     assert module.train_set.count_targets(step) == sum(num_targets(e, 8) for e in built)
+
+
+def test_dataloader_workers_give_the_same_batches_and_step_counts(window_data, compose_config):
+    """Workers count a step's targets from lengths (the main process builds the step): the
+    batches, the step target counts included, are the same."""
+    batches = {}
+    for workers in (0, 2):
+        module = _datamodule(window_data, compose_config, f"loader.num_workers={workers}",
+                             "loader.micro_batch_size=3")
+        loader = iter(module.train_dataloader())
+        batches[workers] = [next(loader) for _ in range(8)]  # two steps of 4 micro-batches
+    for zero, two in zip(batches[0], batches[2], strict=True):
+        assert zero.keys() == two.keys()
+        for key in zero:
+            assert torch.equal(zero[key], two[key]), key
+    assert [int(b["step_target_tokens"]) for b in batches[2]][::4] == [int(b["step_target_tokens"]) for b in batches[0]][::4]
+    assert all(int(b["step_target_tokens"]) > 0 for b in batches[2][::4])
