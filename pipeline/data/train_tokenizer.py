@@ -68,8 +68,32 @@ def sample_sentences(corpus: PreparedCorpus, config: TokenizerConfig) -> list[st
             out.extend(rows[column])
     # Interleave sources so sentencepiece's own sentence limit (if any) sees a fair mix.
     order = rng.permutation(len(out))
-    # Newlines would split a document into several training sentences.
-    return [out[i].replace("\n", " ") for i in order]
+    # Newlines would split a document into several training sentences; documents longer than
+    # sentencepiece's limit would be skipped whole (a corpus of long documents trained nothing).
+    return [piece for i in order for piece in split_long(out[i].replace("\n", " "), config.max_sentence_length)]
+
+
+def split_long(text: str, max_bytes: int) -> list[str]:
+    """`text` in pieces of at most `max_bytes` UTF-8 bytes, cut at the last space that fits (or
+    between characters when a piece has none); `[text]` when it fits already."""
+    data = text.encode("utf-8")
+    if len(data) <= max_bytes:
+        return [text]
+    pieces, start = [], 0
+    while start < len(data):
+        end = min(start + max_bytes, len(data))
+        if end < len(data):
+            space = data.rfind(b" ", start, end + 1)
+            if space > start:
+                end = space
+            else:
+                while end > start and data[end] & 0xC0 == 0x80:  # a continuation byte: mid-character
+                    end -= 1
+                while end == start or (end < len(data) and data[end] & 0xC0 == 0x80):
+                    end += 1  # a limit below one character: that character alone
+        pieces.append(data[start:end].decode("utf-8").strip())
+        start = end
+    return [piece for piece in pieces if piece]
 
 
 def _train_model(sentences: list[str], languages: list[str], config: TokenizerConfig) -> bytes:

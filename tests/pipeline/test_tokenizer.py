@@ -4,13 +4,15 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pipeline.data.train_tokenizer as train_mod
 from data_recipes.embedded_cldr import EmbeddedCLDR
 from pipeline.data.build_corpus import prepare_sources
 from pipeline.data.token_stats import count_tokens, fertility
 from pipeline.data.tokenizer import Tokenizer, TokenizerConfig
-from pipeline.data.train_tokenizer import sampling_probs, train_tokenizer
+from pipeline.data.train_tokenizer import sampling_probs, split_long, train_tokenizer
 
 SMALL = TokenizerConfig(vocab_size=700, sample_sentences=4000, seed=1)
 
@@ -146,3 +148,17 @@ def test_vocab_too_small_says_raise_it():
     with pytest.raises(ValueError, match=r"smaller than required_chars[\s\S]*Raise tokenizer\.vocab_size to >= \d+") as error:
         train_mod._train_model(sentences, ["eng"], cfg)
     assert "Lower" not in str(error.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(words=st.lists(st.sampled_from(["a", "bb", "ççç", "日本語", "x" * 50, "ü" * 30, "日本語" * 40]), max_size=120),
+       max_bytes=st.integers(1, 300))
+def test_long_training_documents_are_cut_into_sentences_the_trainer_keeps(words, max_bytes):
+    """SentencePiece's trainer skips sentences over max_sentence_length bytes, so a corpus of long
+    documents would train on nothing: they are cut (at spaces, else between characters)."""
+    text = " ".join(words)
+    pieces = split_long(text, max_bytes)
+    assert all(len(piece.encode("utf-8")) <= max(max_bytes, 3) for piece in pieces)  # 3: one CJK character
+    assert "".join(pieces).replace(" ", "") == text.replace(" ", "")
+    if len(text.encode("utf-8")) <= max_bytes:
+        assert pieces == [text]
